@@ -1,0 +1,1 @@
+"""The three OPD services (rollout, teacher, learner) and the `opd` command line."""

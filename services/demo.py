@@ -1,0 +1,195 @@
+"""`opd demo`: the whole asynchronous OPD pipeline on one machine, start to summary.
+
+Starts an embedded Redis (unless REDIS_URL is set), evaluates the initial student and the
+teacher, runs learner + teacher + rollout processes until the learner's step budget or
+the time limit, evaluates the trained student and prints a summary: accuracy before and
+after, teacher accuracy, trajectories/s, tokens/s and the staleness distribution.
+
+    opd demo                 # async, max_staleness 4, 2 rollouts, ~3-5 min on 2 CPU cores
+    opd demo --sync          # strictly synchronous baseline (staleness 0)
+    opd demo --help
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.launcher import Launcher
+
+
+class DemoSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OPD_DEMO_", use_attribute_docstrings=True,
+                                      cli_kebab_case=True, cli_implicit_flags=True,
+                                      cli_prog_name="opd demo")
+
+    steps: int = 120
+    """Learner optimizer steps."""
+    minutes: float = 10.0
+    """Stop training after this long even if the steps are not done."""
+    rollouts: int = 2
+    """Rollout replicas."""
+    teachers: int = 1
+    """Teacher replicas."""
+    max_staleness: int = 4
+    """Staleness bound (learner version - trajectory version)."""
+    sync: bool = False
+    """Strictly synchronous baseline: forces max_staleness = 0."""
+    batch_size: int = 64
+    """Trajectories per learner step."""
+    rollout_batch_size: int = 32
+    """Prompts per rollout generation batch."""
+    mc_samples: int = 1
+    """Tokens recorded per position by the rollouts (1 + extra MC draws)."""
+    losses: dict[str, float] = Field(default_factory=lambda: {"fkl_topk": 1.0, "rkl_recompute": 1.0})
+    """Learner estimators and weights (JSON)."""
+    lr: float = 1e-3
+    """Learner AdamW learning rate."""
+    student: str = "builtin:student"
+    """Student checkpoint (path, hub id or builtin:student)."""
+    teacher: str = "builtin:teacher"
+    """Teacher checkpoint (path, hub id or builtin:teacher)."""
+    eval_n: int = 500
+    """Held-out problems for the accuracy evaluation."""
+    run_dir: str = "runs/demo"
+    """Logs, weight versions, the final student and summary.json go here."""
+    http_base_port: int = 18000
+    """First /healthz+/metrics port; each process takes the next one."""
+    seed: int = 0
+    """Seed for the learner and rollouts."""
+
+
+def evaluate(model_path: str, n: int) -> float:
+    """Greedy exact-match accuracy on n held-out problems."""
+    from shared.evaluate import accuracy
+    from shared.models import load_model, load_tokenizer, resolve_model
+    from shared.task import make_problems
+
+    path = resolve_model(model_path)
+    return accuracy(load_model(path), load_tokenizer(path), make_problems(n, seed=1234, split="eval"))
+
+
+def _flags(s: DemoSettings, run_dir: Path) -> dict[str, dict[str, object]]:
+    common = {"weights_dir": run_dir / "weights", "torch_threads": 1, "device": "cpu"}
+    return {
+        "learner": {**common, "model": s.student, "batch_size": s.batch_size,
+                    "max_staleness": 0 if s.sync else s.max_staleness, "max_steps": s.steps,
+                    "losses": json.dumps(s.losses), "lr": s.lr, "seed": s.seed,
+                    "output_dir": run_dir / "student"},
+        "teacher": {**common, "model": s.teacher},
+        "rollout": {**common, "model": s.student, "batch_size": s.rollout_batch_size,
+                    "mc_samples": s.mc_samples, "seed": s.seed},
+    }
+
+
+def _start_all(launcher: Launcher, s: DemoSettings, run_dir: Path) -> None:
+    flags, port = _flags(s, run_dir), s.http_base_port
+    plan = [("learner", "learner")] + [("teacher", f"teacher-{i}") for i in range(s.teachers)]
+    plan += [("rollout", f"rollout-{i}") for i in range(s.rollouts)]
+    for service, name in plan:
+        launcher.start(service, name, {**flags[service], "replica": name, "http_port": port})
+        port += 1
+
+
+def _progress(stats: dict[str, str], s: DemoSettings) -> str:
+    st = json.loads(stats.get("staleness", "{}") or "{}")
+    m = json.loads(stats.get("metrics", "{}") or "{}")
+    elapsed = float(stats.get("elapsed_s", 0)) or 1e-9
+    return (f"step {stats.get('step', 0):>4}/{s.steps}  fwdKL {m.get('kl/forward_topk', 0):.3f}  "
+            f"sample acc {float(stats.get('sample_accuracy', 0)):.2f}  "
+            f"{int(stats.get('trained_trajectories', 0)) / elapsed:6.1f} traj/s  "
+            f"staleness mean {st.get('mean', 0)} max {st.get('max', 0)}")
+
+
+def _watch(launcher: Launcher, client, keys, s: DemoSettings) -> dict[str, str]:
+    """Print progress until the learner exits or time runs out; returns the final stats."""
+    deadline = time.monotonic() + s.minutes * 60
+    learner = launcher.children[0]
+    last = ""
+    while learner.proc.poll() is None:
+        failed = launcher.failed()
+        if failed:
+            raise RuntimeError(f"{failed[0].name} exited with {failed[0].proc.returncode}:\n"
+                               f"{launcher.tail(failed[0])}")
+        if time.monotonic() > deadline:
+            print("time limit reached: stopping the learner", flush=True)
+            launcher.stop(["learner"])
+            break
+        stats = {k.decode(): v.decode() for k, v in client.hgetall(keys.stats).items()}
+        line = _progress(stats, s) if stats.get("step") else "waiting for the first step..."
+        if line != last:
+            print(line, flush=True)
+            last = line
+        time.sleep(2.0)
+    if learner.proc.returncode not in (0, None):
+        raise RuntimeError(f"learner exited with {learner.proc.returncode}:\n{launcher.tail(learner)}")
+    return {k.decode(): v.decode() for k, v in client.hgetall(keys.stats).items()}
+
+
+def summarize(stats: dict[str, str], acc: dict[str, float], s: DemoSettings) -> dict[str, Any]:
+    elapsed = float(stats.get("elapsed_s", 0)) or 1e-9
+    st = json.loads(stats.get("staleness", "{}") or "{}")
+    return {
+        "mode": "sync" if s.sync else f"async (max_staleness {s.max_staleness})",
+        "steps": int(stats.get("step", 0)), "train_seconds": round(elapsed, 1),
+        "student_accuracy_before": acc["before"], "student_accuracy_after": acc["after"],
+        "teacher_accuracy": acc["teacher"],
+        "trajectories_per_s": round(int(stats.get("trained_trajectories", 0)) / elapsed, 2),
+        "tokens_per_s": round(int(stats.get("trained_tokens", 0)) / elapsed, 1),
+        "staleness": st, "dead_letters": int(stats.get("dead_letters", 0)),
+    }
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    st = summary["staleness"]
+    rows = [
+        ("mode", summary["mode"]), ("steps", summary["steps"]),
+        ("train time (s)", summary["train_seconds"]),
+        ("student accuracy before", f"{summary['student_accuracy_before']:.3f}"),
+        ("student accuracy after", f"{summary['student_accuracy_after']:.3f}"),
+        ("teacher accuracy", f"{summary['teacher_accuracy']:.3f}"),
+        ("trajectories/s", summary["trajectories_per_s"]), ("tokens/s", summary["tokens_per_s"]),
+        ("staleness histogram", st.get("histogram", {})),
+        ("staleness mean / max", f"{st.get('mean', 0)} / {st.get('max', 0)}"),
+        ("dropped (stale / foreign)", f"{st.get('dropped_stale', 0)} / {st.get('dropped_foreign', 0)}"),
+        ("dead letters", summary["dead_letters"]),
+    ]
+    print("\n== OPD demo summary ==")
+    for k, v in rows:
+        print(f"  {k:<28} {v}")
+
+
+def run_demo(s: DemoSettings) -> dict[str, Any]:
+    from shared.redis_server import EmbeddedRedis
+    from shared.streams import Keys, connect
+
+    run_dir = Path(s.run_dir).resolve()
+    run = f"demo-{int(time.time())}"
+    embedded = None if os.environ.get("REDIS_URL") else EmbeddedRedis(data_dir=str(run_dir / "redis")).start()
+    url = os.environ.get("REDIS_URL") or embedded.url
+    print(f"redis: {url.split('@')[-1]} ({'embedded' if embedded else 'external'}), run {run}, dir {run_dir}")
+    launcher = Launcher(env={"REDIS_URL": url, "OPD_RUN": run, "PYTHONUNBUFFERED": "1"},
+                        log_dir=run_dir / "logs")
+    try:
+        print("evaluating the initial student and the teacher...", flush=True)
+        acc = {"before": evaluate(s.student, s.eval_n), "teacher": evaluate(s.teacher, s.eval_n)}
+        print(f"student {acc['before']:.3f}, teacher {acc['teacher']:.3f}; starting "
+              f"{s.rollouts} rollout(s), {s.teachers} teacher(s), 1 learner", flush=True)
+        _start_all(launcher, s, run_dir)
+        stats = _watch(launcher, connect(url), Keys(run), s)
+        launcher.stop()
+        acc["after"] = evaluate(str(run_dir / "student"), s.eval_n)
+        summary = summarize(stats, acc, s)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print_summary(summary)
+        return summary
+    finally:
+        launcher.stop(grace_s=10)
+        if embedded is not None:
+            embedded.stop()

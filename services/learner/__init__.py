@@ -1,0 +1,1 @@
+"""Learner service: trains the student on scored trajectories and publishes weight versions."""

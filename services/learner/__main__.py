@@ -1,0 +1,5 @@
+"""`python -m services.learner` == `opd-learner`."""
+
+from services.learner.main import main
+
+main()

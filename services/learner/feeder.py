@@ -1,0 +1,92 @@
+"""Prompt feeder: keeps the prompts stream filled for the rollouts, bounded by backpressure.
+
+Runs as a daemon thread in the learner process (the learner owns the data order). Prompts
+come from the built-in addition task (train split, endless, seeded) or a JSONL file of
+{"prompt", "answer"} records (cycled). Each is tokenised with the student's tokenizer
+(`tokenizer(text)`, so the tokenizer's own BOS convention applies).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import redis
+
+from shared.streams import produce, wait_for_room
+from shared.task import Problem, make_problems
+from shared.wire import Prompt, encode
+
+log = logging.getLogger("opd.feeder")
+CHUNK = 256
+
+
+def builtin_problems(seed: int) -> Iterator[Problem]:
+    """Endless train-split problems: fresh chunks with successive seeds."""
+    for i in itertools.count():
+        yield from make_problems(CHUNK, seed=seed * 1_000_003 + i, split="train")
+
+
+def file_problems(path: str) -> Iterator[Problem]:
+    """Cycle a JSONL file of {"prompt": str, "answer": str}; bad lines are an error."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            obj = json.loads(line)
+            if not isinstance(obj.get("prompt"), str) or not isinstance(obj.get("answer", ""), str):
+                raise ValueError(f"{path}:{n}: need a string 'prompt' (and optional string 'answer')")
+            rows.append(Problem(obj["prompt"], obj.get("answer", "")))
+    if not rows:
+        raise ValueError(f"{path}: no prompts")
+    return itertools.cycle(rows)
+
+
+class PromptFeeder:
+    def __init__(self, client: redis.Redis, stream: str, tokenizer, problems: Iterator[Problem],
+                 backlog: int, version: Callable[[], int]) -> None:
+        self.client, self.stream, self.tokenizer = client, stream, tokenizer
+        self.problems, self.backlog, self.version = problems, backlog, version
+        self.fed = 0
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="feeder", daemon=True)
+
+    def start(self) -> PromptFeeder:
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+    def check(self) -> None:
+        """Re-raise in the learner's loop if the feeder thread died."""
+        if self.error is not None:
+            raise RuntimeError("prompt feeder failed") from self.error
+
+    def _run(self) -> None:
+        try:
+            self._feed()
+        except BaseException as e:  # surfaced by check() on the learner's thread
+            self.error = e
+            log.exception("prompt feeder failed")
+
+    def _feed(self) -> None:
+        chunk = max(1, min(CHUNK, self.backlog // 4))
+        while wait_for_room(self.client, self.stream, self.backlog, chunk, stop=self.stop.is_set):
+            batch = list(itertools.islice(self.problems, chunk))
+            if not batch:
+                return
+            produce(self.client, self.stream, [encode(self._prompt(p)) for p in batch])
+            self.fed += len(batch)
+
+    def _prompt(self, problem: Problem) -> Prompt:
+        ids = self.tokenizer(problem.prompt)["input_ids"]
+        return Prompt(prompt_id=uuid.uuid4().hex, prompt_ids_P=np.asarray(ids, np.int32),
+                      answer=problem.answer, weight_version=self.version())

@@ -1,0 +1,201 @@
+"""Learner loop: collect B fresh-enough scored trajectories -> AdamW step -> publish version.
+
+Start: (fresh) wipe the run's keys, write the admission limits, publish version 0, start
+the prompt feeder. Each step: read scored trajectories (reclaimed first), dead-letter
+invalid ones, drop and count those over the staleness bound (releasing their admission),
+train on B, publish the new version, then ack the batch (a crash before the ack leaves it
+pending for the next learner). End: save the final student and the run summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.learner.settings import LearnerSettings
+from services.learner.staleness import StalenessTracker
+from shared.admission import Admission, set_limits
+from shared.service import Context, decode_batch
+from shared.settings import resolve_device
+from shared.streams import StreamConsumer, backlog
+from shared.weights import announce, prune_versions, save_version
+from shared.wire import ScoredTrajectory, WireError
+
+log = logging.getLogger("opd.learner")
+
+
+class LearnerMetrics:
+    """Learner-only metrics, in the service's registry."""
+
+    def __init__(self, ctx: Context) -> None:
+        r, lab = ctx.metrics.registry, {"service": "learner", "replica": ctx.settings.replica}
+        self.staleness = Histogram("opd_staleness", "Staleness of trained trajectories (steps)",
+                                   list(lab), registry=r, buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
+                                   ).labels(**lab)
+        self.dropped = Counter("opd_dropped_total", "Trajectories dropped by the learner",
+                               [*lab, "reason"], registry=r)
+        self.loss = Gauge("opd_loss", "Last step's loss terms and KL diagnostics",
+                          [*lab, "term"], registry=r)
+        self.steps = Counter("opd_learner_steps_total", "Optimizer steps", list(lab),
+                             registry=r).labels(**lab)
+        self.accuracy = Gauge("opd_sample_accuracy", "Exact-match accuracy of trained samples",
+                              list(lab), registry=r).labels(**lab)
+        self.lab = lab
+
+
+class LearnerWorker:
+    def __init__(self, ctx: Context, settings: LearnerSettings) -> None:
+        import torch
+
+        from services.learner.trainer import Trainer
+        from shared.models import load_model, load_tokenizer, resolve_model
+
+        torch.manual_seed(settings.seed)
+        self.ctx, self.s = ctx, settings
+        path = resolve_model(settings.model)
+        self.model = load_model(path, device=resolve_device(settings.device))
+        self.tokenizer = load_tokenizer(path)
+        self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
+        self.trainer = Trainer(self.model, lr=settings.lr, weight_decay=settings.weight_decay,
+                               grad_clip=settings.grad_clip, losses=settings.losses,
+                               pad_id=int(self.tokenizer.pad_token_id))
+        self.version = 0
+        self.tracker = StalenessTracker(settings.max_staleness)
+        self.lm = LearnerMetrics(ctx)
+        self.admission = Admission(ctx.client, ctx.keys)
+        self.stats: dict[str, Any] = {"trained_tokens": 0, "dead_letters": 0, "correct": 0}
+        self.consumer: StreamConsumer | None = None
+
+    def info(self) -> dict[str, Any]:
+        return {"service": "learner", "weight_version": self.version, "step": self.version}
+
+    def check(self, msg: ScoredTrajectory) -> None:
+        ids = msg.scores.topk_ids_TK
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise WireError(f"teacher top-k ids outside the student vocabulary [0, {self.vocab_size})")
+
+    def run(self, stop: threading.Event) -> None:
+        feeder = self._start()
+        self.started_at = time.time()
+        batch: list[ScoredTrajectory] = []
+        ids: list[bytes] = []
+        try:
+            while not stop.is_set() and not self._done():
+                self.ctx.heartbeat.beat("collecting")
+                feeder.check()
+                self._collect(batch, ids)
+                if len(batch) >= self.s.batch_size:
+                    self._train(batch, ids)
+                    batch, ids = [], []
+        finally:
+            feeder.close()
+        self._finish(completed=self._done())
+
+    def _done(self) -> bool:
+        return self.s.max_steps > 0 and self.version >= self.s.max_steps
+
+    def _start(self):
+        from services.learner.feeder import PromptFeeder, builtin_problems, file_problems
+
+        ctx, keys = self.ctx, self.ctx.keys
+        if self.s.fresh:
+            ctx.client.delete(*keys.all())
+        self.consumer = StreamConsumer(ctx.client, keys.scored, "learner", self.s.replica,
+                                       reclaim_idle_ms=int(self.s.reclaim_idle_s * 1000))
+        set_limits(ctx.client, keys, self.s.batch_size, self.s.max_staleness)
+        self._publish()
+        problems = file_problems(self.s.prompts_file) if self.s.prompts_file else builtin_problems(self.s.seed)
+        return PromptFeeder(ctx.client, keys.prompts, self.tokenizer, problems,
+                            self.s.prompt_backlog, lambda: self.version).start()
+
+    def _collect(self, batch: list[ScoredTrajectory], ids: list[bytes]) -> None:
+        """Read, validate and staleness-filter entries until the batch is full or a read times out."""
+        assert self.consumer is not None
+        entries = self.consumer.read(self.s.batch_size - len(batch), block_ms=500)
+        msgs, msg_ids, dead = decode_batch(self.ctx, self.consumer, entries, ScoredTrajectory, self.check)
+        self.stats["dead_letters"] += dead
+        self.admission.release(dead)
+        drop = []
+        for msg, entry_id in zip(msgs, msg_ids):
+            if self.tracker.admit(self.version, msg.weight_version):
+                batch.append(msg)
+                ids.append(entry_id)
+            else:
+                drop.append(entry_id)
+                reason = "foreign" if msg.weight_version > self.version else "stale"
+                self.lm.dropped.labels(**self.lm.lab, reason=reason).inc()
+        self.consumer.ack(drop)
+        self.admission.release(len(drop))
+
+    def _train(self, batch: list[ScoredTrajectory], ids: list[bytes]) -> None:
+        self.ctx.heartbeat.beat("training")
+        started = time.perf_counter()
+        metrics = self.trainer.step(batch)
+        for msg in batch:
+            self.lm.staleness.observe(self.tracker.record(self.version, msg.weight_version))
+        self.version += 1
+        self._publish()
+        assert self.consumer is not None
+        self.consumer.ack(ids)
+        elapsed = time.perf_counter() - started
+        self._account(batch, metrics, elapsed)
+
+    def _account(self, batch: list[ScoredTrajectory], metrics: dict[str, float], elapsed: float) -> None:
+        from shared.task import Problem, is_correct
+
+        correct = sum(
+            is_correct(self.tokenizer.decode(m.trajectory.completion_ids_T, skip_special_tokens=True),
+                       Problem("", m.trajectory.prompt.answer))
+            for m in batch
+        )
+        tokens = sum(m.trajectory.num_tokens for m in batch)
+        self.stats["trained_tokens"] += tokens
+        self.stats["correct"] += correct
+        m = self.ctx.metrics
+        m.items.inc(len(batch))
+        m.tokens.inc(tokens)
+        m.busy.inc(elapsed)
+        m.batch_seconds.observe(elapsed)
+        self.lm.steps.inc()
+        self.lm.accuracy.set(correct / len(batch))
+        for name, value in metrics.items():
+            self.lm.loss.labels(**self.lm.lab, term=name).set(value)
+        m.depth(self.ctx.keys.scored, backlog(self.ctx.client, self.ctx.keys.scored))
+        self._write_stats(metrics, correct / len(batch))
+        log.info("step %d loss %.4f fkl %.4f sample_acc %.2f staleness %s", self.version,
+                 metrics["loss/total"], metrics["kl/forward_topk"], correct / len(batch),
+                 self.tracker.summary()["histogram"])
+
+    def _publish(self) -> None:
+        path = save_version(self.model, self.s.weights_dir, self.version)
+        announce(self.ctx.client, self.ctx.keys, self.version, path)
+        prune_versions(self.s.weights_dir, self.s.keep_versions, self.version)
+        self.ctx.metrics.weight_version.set(self.version)
+
+    def _write_stats(self, metrics: dict[str, float], sample_accuracy: float, status: str = "running") -> None:
+        elapsed = time.time() - self.started_at
+        summary = self.tracker.summary()
+        self.ctx.client.hset(self.ctx.keys.stats, mapping={
+            "status": status, "step": self.version, "elapsed_s": round(elapsed, 3),
+            "trained_trajectories": summary["trained"], "trained_tokens": self.stats["trained_tokens"],
+            "dead_letters": self.stats["dead_letters"], "sample_correct": self.stats["correct"],
+            "sample_accuracy": round(sample_accuracy, 4),
+            "staleness": json.dumps(summary), "metrics": json.dumps(metrics),
+            "max_staleness": self.s.max_staleness, "batch_size": self.s.batch_size,
+        })
+
+    def _finish(self, completed: bool) -> None:
+        from pathlib import Path
+
+        out = Path(self.s.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        self.ctx.client.hset(self.ctx.keys.stats, mapping={
+            "status": "finished" if completed else "stopped", "output_dir": str(out.resolve())})
+        log.info("saved student (version %d) to %s", self.version, out)

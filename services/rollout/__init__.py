@@ -1,0 +1,1 @@
+"""Rollout service: the student samples completions with its current weights (N replicas)."""

@@ -1,0 +1,5 @@
+"""`python -m services.rollout` == `opd-rollout`."""
+
+from services.rollout.main import main
+
+main()

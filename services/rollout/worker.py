@@ -1,0 +1,138 @@
+"""Rollout loop: admission -> read prompts -> refresh weights -> sample -> hand off trajectories.
+
+Per batch: prompts reclaimed from a dead replica are redone first (they were admitted
+already); otherwise the replica asks admission control for up to `batch_size` new ones, so
+no work is started that would exceed the learner's staleness bound. Before sampling it loads
+the newest announced weight version if it is newer than its own. Trajectories are written
+and the prompts acked in one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+import zlib
+from typing import Any
+
+from services.rollout.settings import RolloutSettings
+from shared.admission import Admission
+from shared.service import Context, decode_batch
+from shared.settings import resolve_device
+from shared.streams import Entry, StreamConsumer, backlog, wait_for_room
+from shared.weights import latest, load_version
+from shared.wire import Prompt, Trajectory, encode
+
+log = logging.getLogger("opd.rollout")
+
+
+class RolloutWorker:
+    def __init__(self, ctx: Context, settings: RolloutSettings) -> None:
+        import torch
+
+        from shared.models import load_model, load_tokenizer, resolve_model
+
+        self.ctx, self.s = ctx, settings
+        self.device = resolve_device(settings.device)
+        path = resolve_model(settings.model)
+        self.model = load_model(path, device=self.device)
+        tok = load_tokenizer(path)
+        self.eos_id, self.pad_id = int(tok.eos_token_id), int(tok.pad_token_id)
+        self.version = -1
+        self.consumer = StreamConsumer(ctx.client, ctx.keys.prompts, "rollout", settings.replica,
+                                       reclaim_idle_ms=int(settings.reclaim_idle_s * 1000))
+        self.admission = Admission(ctx.client, ctx.keys)
+        seed = settings.seed + zlib.crc32(settings.replica.encode())
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def info(self) -> dict[str, Any]:
+        return {"service": "rollout", "replica": self.s.replica, "weight_version": self.version}
+
+    def run(self, stop: threading.Event) -> None:
+        while self.version < 0 and not stop.is_set():  # never sample before the learner's v0
+            self.ctx.heartbeat.beat("waiting-for-weights")
+            self.refresh_weights()
+            stop.wait(0.1)
+        while not stop.is_set():
+            self.ctx.heartbeat.beat("waiting")
+            entries = self._next_batch(stop)
+            if entries:
+                self._process(entries)
+            else:
+                stop.wait(0.05)
+
+    def _next_batch(self, stop: threading.Event) -> list[Entry]:
+        """Reclaimed prompts first; else newly admitted ones (admission released if unused)."""
+        entries = self.consumer.reclaim(self.s.batch_size)
+        if entries:
+            return entries
+        traj = self.ctx.keys.trajectories
+        room = wait_for_room(self.ctx.client, traj, self.s.max_backlog, self.s.batch_size,
+                             stop=stop.is_set, on_wait=lambda: self.ctx.heartbeat.beat("backpressure"))
+        self.ctx.metrics.depth(traj, backlog(self.ctx.client, traj))
+        if not room:
+            return []
+        granted, _ = self.admission.request(self.s.batch_size)
+        if granted == 0:
+            self.ctx.heartbeat.beat("staleness-bound")
+            return []
+        entries = self.consumer.read_new(granted, block_ms=500)
+        self.admission.release(granted - len(entries))
+        return entries
+
+    def _process(self, entries: list[Entry]) -> None:
+        prompts, ids, dead = decode_batch(self.ctx, self.consumer, entries, Prompt)
+        self.admission.release(dead)
+        if not prompts:
+            return
+        self.refresh_weights()
+        self.ctx.heartbeat.beat("generating")
+        trajectories = self._generate(prompts)
+        self.consumer.hand_off(ids, self.ctx.keys.trajectories, [encode(t) for t in trajectories])
+        m = self.ctx.metrics
+        m.items.inc(len(trajectories))
+        m.tokens.inc(sum(t.num_tokens for t in trajectories))
+
+    def _generate(self, prompts: list[Prompt]) -> list[Trajectory]:
+        import numpy as np
+
+        from services.rollout.sampler import sample
+
+        started = time.time()
+        samples = sample(
+            self.model, [p.prompt_ids_P for p in prompts], eos_id=self.eos_id,
+            pad_id=self.pad_id, max_new_tokens=self.s.max_new_tokens,
+            mc_samples=self.s.mc_samples, temperature=self.s.temperature, top_p=self.s.top_p,
+            generator=self.generator,
+        )
+        finished = time.time()
+        self.ctx.metrics.busy.inc(finished - started)
+        self.ctx.metrics.batch_seconds.observe(finished - started)
+        return [
+            Trajectory(
+                traj_id=uuid.uuid4().hex, prompt=p, completion_ids_T=s.completion_ids_T,
+                behaviour_logprobs_T=s.behaviour_logprobs_T,
+                token_versions_T=np.full(len(s.completion_ids_T), self.version, np.int32),
+                mc_ids_TN=s.mc_ids_TN, mc_logprobs_TN=s.mc_logprobs_TN,
+                finish_reason=s.finish_reason, replica=self.s.replica,
+                started_at=started, finished_at=finished,
+            )
+            for p, s in zip(prompts, samples)
+        ]
+
+    def refresh_weights(self) -> None:
+        """Load the newest announced version if newer than ours (retry if it was pruned)."""
+        for _ in range(10):
+            ann = latest(self.ctx.client, self.ctx.keys)
+            if ann is None or ann.weight_version <= self.version:
+                return
+            try:
+                load_version(self.model, ann.path)
+            except FileNotFoundError:
+                time.sleep(0.05)  # pruned while we looked: a newer pointer exists
+                continue
+            self.version = ann.weight_version
+            self.ctx.metrics.weight_version.set(self.version)
+            log.info("loaded weight version %d", self.version)
+            return

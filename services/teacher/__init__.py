@@ -1,0 +1,1 @@
+"""Teacher service: scores trajectories into the finite teacher-score cache (M replicas)."""

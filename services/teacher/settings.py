@@ -1,0 +1,25 @@
+"""Teacher settings (env prefix OPD_TEACHER_; shared fields in shared/settings.py).
+
+    opd-teacher --help
+"""
+
+from __future__ import annotations
+
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import ServiceSettings
+
+
+class TeacherSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="OPD_TEACHER_", cli_prog_name="opd-teacher")
+
+    model: str = "builtin:teacher"
+    """Teacher checkpoint: a local HF checkpoint dir, hub id, or builtin:teacher."""
+    http_port: int = 8002
+    """Port of the /healthz and /metrics server (0: pick a free one)."""
+    top_k: int = 64
+    """Teacher top-k cached per position (capped at the vocabulary size)."""
+    batch_size: int = 64
+    """Trajectories scored in one forward pass."""
+    max_backlog: int = 256
+    """Backpressure: wait while the scored stream holds this many unconsumed entries."""

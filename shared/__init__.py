@@ -1,0 +1,1 @@
+"""Shared library: wire format, Redis streams transport, weight versions, HTTP health/metrics, built-in task and models."""

@@ -1,0 +1,105 @@
+"""Each service's HTTP side: `/healthz` (is the loop making progress?) and Prometheus `/metrics`.
+
+The service loop calls `Heartbeat.beat(state)` on every iteration, idle waits included; the
+health check fails (503) when no beat came within `max_age_s` (a hung or dead loop), or
+after the loop reported a fatal error. FastAPI + uvicorn run in a daemon thread so the loop
+owns the main thread. Metrics live in a per-service `CollectorRegistry` (no globals).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Heartbeat:
+    """Last-progress timestamp plus a short state string, shared with the HTTP thread."""
+
+    def __init__(self, max_age_s: float) -> None:
+        self.max_age_s = max_age_s
+        self.state = "starting"
+        self.error: str | None = None
+        self._last = time.monotonic()
+
+    def beat(self, state: str | None = None) -> None:
+        self._last = time.monotonic()
+        if state is not None:
+            self.state = state
+
+    def fail(self, error: str) -> None:
+        self.error, self.state = error, "failed"
+
+    def age(self) -> float:
+        return time.monotonic() - self._last
+
+    def healthy(self) -> bool:
+        return self.error is None and self.age() < self.max_age_s
+
+
+class ServiceMetrics:
+    """Metrics every service exports, under one naming scheme (`opd_*`, label `service`)."""
+
+    def __init__(self, service: str, replica: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"service": service, "replica": replica}
+        r = self.registry
+        self.items = Counter("opd_items_total", "Messages completed by this service",
+                             list(labels), registry=r).labels(**labels)
+        self.tokens = Counter("opd_tokens_total", "Completion tokens processed",
+                              list(labels), registry=r).labels(**labels)
+        self.errors = Counter("opd_errors_total", "Errors by kind (invalid_message, retry, ...)",
+                              [*labels, "kind"], registry=r)
+        self.queue_depth = Gauge("opd_queue_depth", "Backlog of a Redis stream",
+                                 [*labels, "stream"], registry=r)
+        self.weight_version = Gauge("opd_weight_version", "Weight version held by this process",
+                                    list(labels), registry=r).labels(**labels)
+        self.busy = Counter("opd_busy_seconds_total", "Seconds spent in the compute stage",
+                            list(labels), registry=r).labels(**labels)
+        self.batch_seconds = Histogram(
+            "opd_batch_seconds", "Wall time of one compute batch", list(labels), registry=r,
+            buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100)).labels(**labels)
+        self._labels = labels
+
+    def error(self, kind: str) -> None:
+        self.errors.labels(**self._labels, kind=kind).inc()
+
+    def depth(self, stream: str, value: int) -> None:
+        self.queue_depth.labels(**self._labels, stream=stream.rsplit(":", 1)[-1]).set(value)
+
+
+def serve(
+    heartbeat: Heartbeat,
+    registry: CollectorRegistry,
+    *,
+    host: str,
+    port: int,
+    info: Callable[[], dict[str, Any]] = dict,
+) -> threading.Thread:
+    """Start the FastAPI app in a daemon thread; returns the thread."""
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    app = FastAPI(title="opd service", docs_url=None, redoc_url=None)
+
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        body = {"ok": heartbeat.healthy(), "state": heartbeat.state,
+                "last_progress_age_s": round(heartbeat.age(), 3), "error": heartbeat.error,
+                **info()}
+        return JSONResponse(body, status_code=200 if body["ok"] else 503)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="http", daemon=True)
+    thread.start()
+    return thread

@@ -1,0 +1,68 @@
+"""Settings every service shares (Redis, run name, HTTP port, health), as a pydantic-settings base.
+
+Each service subclasses `ServiceSettings` with its own env prefix (`OPD_ROLLOUT_`,
+`OPD_TEACHER_`, `OPD_LEARNER_`); the shared fields also read the unprefixed `REDIS_URL`,
+`OPD_RUN` and `OPD_WEIGHTS_DIR` so one environment configures a whole deployment. Every
+field is documented once, by the docstring under it, which `--help` prints.
+Settings are built in `main()` (`parse(...)`) and passed down: nothing reads them at import.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import TypeVar
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def _replica_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        use_attribute_docstrings=True, cli_kebab_case=True, cli_implicit_flags=True,
+        extra="ignore",
+    )
+
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", validation_alias=AliasChoices("redis_url", "REDIS_URL")
+    )
+    """Redis server URL, `redis://[:password@]host:port/db` (env REDIS_URL)."""
+    run: str = Field("default", validation_alias=AliasChoices("run", "OPD_RUN"))
+    """Run name: namespaces every stream and key, so runs can share one Redis (env OPD_RUN)."""
+    weights_dir: str = Field(
+        "runs/default/weights", validation_alias=AliasChoices("weights_dir", "OPD_WEIGHTS_DIR")
+    )
+    """Directory shared by learner and rollouts holding published weight versions."""
+    replica: str = Field(default_factory=_replica_name)
+    """Name of this replica in metrics and consumer groups (default host-pid)."""
+    http_host: str = "0.0.0.0"
+    """Address the /healthz and /metrics server binds to."""
+    http_port: int = 8000
+    """Port of the /healthz and /metrics server (0: pick a free one)."""
+    health_max_age_s: float = 120.0
+    """/healthz fails when the service loop made no progress for this long."""
+    reclaim_idle_s: float = 60.0
+    """Entries pending this long with a consumer are presumed lost and reclaimed."""
+    device: str = "auto"
+    """Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1..."""
+    torch_threads: int = 0
+    """CPU threads for torch (0: torch's default)."""
+
+
+def parse(cls: type[S], argv: list[str] | None) -> S:
+    """Build settings from defaults < environment < command-line flags."""
+    return CliApp.run(cls, cli_args=argv if argv is not None else [])
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,273 @@
+"""Redis streams transport: stream/key names, consumer groups, hand-off, reclaim, backpressure.
+
+Each stage reads its input stream through a consumer group and hands results downstream
+with `hand_off`, which writes the downstream entries and acks+deletes the inputs in one
+MULTI/EXEC transaction: an input is never acked before its output exists, and a crash
+leaves it pending for `XAUTOCLAIM` by a live replica. Consumed entries are deleted, so a
+stream's length is exactly its backlog (undelivered + pending); producers wait while the
+backlog is at its bound (`wait_for_room`) instead of trimming unconsumed data.
+
+All stream and key names live in `Keys`; every entry holds one msgpack message under field
+`m` (see shared/wire.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+FIELD = b"m"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Every Redis stream and key of one run, namespaced by the run name."""
+
+    run: str
+
+    def _k(self, name: str) -> str:
+        return f"opd:{self.run}:{name}"
+
+    @property
+    def prompts(self) -> str:
+        """Stream: Prompt messages, feeder -> rollout."""
+        return self._k("prompts")
+
+    @property
+    def trajectories(self) -> str:
+        """Stream: Trajectory messages, rollout -> teacher."""
+        return self._k("trajectories")
+
+    @property
+    def scored(self) -> str:
+        """Stream: ScoredTrajectory messages, teacher -> learner."""
+        return self._k("scored")
+
+    @property
+    def dead(self) -> str:
+        """Stream: entries that failed validation, with the reason (fields m, reason, source)."""
+        return self._k("dead")
+
+    @property
+    def weights(self) -> str:
+        """Key: the newest WeightAnnouncement (msgpack)."""
+        return self._k("weights")
+
+    @property
+    def version(self) -> str:
+        """Key: the learner's current weight version (int), read by admission control."""
+        return self._k("version")
+
+    @property
+    def admitted(self) -> str:
+        """Key: trajectories admitted for generation so far (int), see shared/admission.py."""
+        return self._k("admitted")
+
+    @property
+    def limits(self) -> str:
+        """Hash: batch_size and max_staleness, written by the learner, read by admission."""
+        return self._k("limits")
+
+    @property
+    def stats(self) -> str:
+        """Hash: learner progress and run summary (step, consumed, staleness counts...)."""
+        return self._k("stats")
+
+    def all(self) -> list[str]:
+        return [
+            self.prompts, self.trajectories, self.scored, self.dead,
+            self.weights, self.version, self.admitted, self.limits, self.stats,
+        ]
+
+
+GROUPS = {"prompts": "rollout", "trajectories": "teacher", "scored": "learner"}
+
+# KEYS: downstream stream, source stream. ARGV: group, E entries, F values per entry,
+# E*F field/value items, then the source ids to ack+delete. Writes first: an error aborts
+# the script before any ack (MULTI/EXEC would run the ack after a failed XADD, e.g. on OOM).
+_MOVE = """
+local e, f = tonumber(ARGV[2]), tonumber(ARGV[3])
+for i = 0, e - 1 do
+  redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4 + i * f, 3 + (i + 1) * f))
+end
+local first = 4 + e * f
+if first <= #ARGV then
+  redis.call('XACK', KEYS[2], ARGV[1], unpack(ARGV, first))
+  redis.call('XDEL', KEYS[2], unpack(ARGV, first))
+end
+return e
+"""
+
+
+def connect(url: str) -> redis.Redis:
+    """Client that retries with exponential backoff across connection drops and restarts."""
+    return redis.Redis.from_url(
+        url,
+        retry=Retry(ExponentialBackoff(cap=5.0, base=0.1), retries=20),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        health_check_interval=30,
+        socket_connect_timeout=5,
+    )
+
+
+def wait_for_redis(client: redis.Redis, timeout_s: float = 30.0) -> None:
+    """Block until the server answers PING; raise the last error after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.ping()
+            return
+        except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stream entry: its id and the raw message bytes (undecoded)."""
+
+    id: bytes
+    payload: bytes
+
+
+class StreamConsumer:
+    """A consumer in a consumer group: reclaims stuck entries first, then reads new ones."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        reclaim_idle_ms: int = 60_000,
+    ) -> None:
+        self.client, self.stream, self.group, self.consumer = client, stream, group, consumer
+        self.reclaim_idle_ms = reclaim_idle_ms
+        self.held: set[bytes] = set()  # delivered to us, not yet acked: never reclaim our own
+        self._move_script = client.register_script(_MOVE)
+        ensure_group(client, stream, group)
+
+    def read(self, count: int, block_ms: int = 1000) -> list[Entry]:
+        """Up to `count` entries: reclaimed ones (idle > reclaim_idle_ms) before new ones."""
+        entries = self.reclaim(count)
+        if len(entries) < count:
+            entries += self.read_new(count - len(entries), None if entries else block_ms)
+        return entries
+
+    def read_new(self, count: int, block_ms: int | None = 1000) -> list[Entry]:
+        """Up to `count` never-delivered entries, blocking up to `block_ms` for the first."""
+        reply = self._grouped(
+            self.client.xreadgroup,
+            self.group, self.consumer, {self.stream: ">"}, count=count, block=block_ms,
+        )
+        return self._hold(_entries(reply[0][1] if reply else []))
+
+    def _hold(self, entries: list[Entry]) -> list[Entry]:
+        self.held.update(e.id for e in entries)
+        return entries
+
+    def _grouped(self, command: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a group command, recreating the group once if the stream was reset (NOGROUP)."""
+        try:
+            return command(*args, **kwargs)
+        except redis.ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            ensure_group(self.client, self.stream, self.group)
+            return command(*args, **kwargs)
+
+    def reclaim(self, count: int) -> list[Entry]:
+        """XAUTOCLAIM entries left pending by a dead (or stuck) consumer."""
+        _, claimed, deleted = self._grouped(
+            self.client.xautoclaim,
+            self.stream, self.group, self.consumer, self.reclaim_idle_ms, "0-0", count=count,
+        )
+        if deleted:  # pending ids whose entries are gone: nothing to process, clear them
+            self.client.xack(self.stream, self.group, *deleted)
+        return self._hold([e for e in _entries(claimed) if e.id not in self.held])
+
+    def ack(self, ids: Sequence[bytes]) -> None:
+        """Ack and delete consumed entries (so stream length == backlog)."""
+        self._move(None, [], ids)
+
+    def hand_off(self, ids: Sequence[bytes], stream: str, payloads: Sequence[bytes]) -> None:
+        """Write `payloads` to `stream`, then ack+delete `ids`, in one server-side script:
+        if any write fails the script stops before the ack, so inputs are never lost."""
+        self._move(stream, [[FIELD, p] for p in payloads], ids)
+
+    def dead_letter(self, dead_stream: str, entry: Entry, reason: str) -> None:
+        """Move an invalid entry to the dead-letter stream with its reason, and ack it."""
+        fields = [FIELD, entry.payload, b"reason", reason[:2000].encode(),
+                  b"source", self.stream.encode(), b"id", entry.id]
+        self._move(dead_stream, [fields], [entry.id])
+
+    def _move(self, stream: str | None, entries: Sequence[list[bytes]], ids: Sequence[bytes]) -> None:
+        if not entries and not ids:
+            return
+        width = len(entries[0]) if entries else 0
+        flat = [x for fields in entries for x in fields]
+        self._move_script(keys=[stream or self.stream, self.stream],
+                          args=[self.group, len(entries), width, *flat, *ids])
+        self.held.difference_update(ids)
+
+    def pending(self) -> int:
+        """Entries delivered to this group and not yet acked."""
+        return int(self.client.xpending(self.stream, self.group)["pending"])
+
+
+def ensure_group(client: redis.Redis, stream: str, group: str) -> None:
+    """Create the consumer group (and the stream) if missing; reading starts at the beginning."""
+    try:
+        client.xgroup_create(stream, group, id="0", mkstream=True)
+    except redis.ResponseError as e:
+        if "BUSYGROUP" not in str(e):
+            raise
+
+
+def _entries(raw: list) -> list[Entry]:
+    out = []
+    for entry_id, fields in raw:
+        if fields is None:  # deleted while pending (older Redis reports it like this)
+            continue
+        out.append(Entry(entry_id, fields.get(FIELD, b"")))
+    return out
+
+
+def backlog(client: redis.Redis, stream: str) -> int:
+    """Entries not yet consumed (consumed ones are deleted on ack)."""
+    return int(client.xlen(stream))
+
+
+def wait_for_room(
+    client: redis.Redis,
+    stream: str,
+    max_backlog: int,
+    need: int = 1,
+    *,
+    stop: Callable[[], bool] = lambda: False,
+    on_wait: Callable[[], None] = lambda: None,
+    poll_s: float = 0.05,
+) -> bool:
+    """Backpressure: block until `stream` has room for `need` more entries. False if stopped."""
+    while backlog(client, stream) + need > max_backlog:
+        if stop():
+            return False
+        on_wait()
+        time.sleep(poll_s)
+    return True
+
+
+def produce(client: redis.Redis, stream: str, payloads: Sequence[bytes]) -> list[bytes]:
+    """XADD payloads in one round trip (no trimming: backpressure bounds the stream)."""
+    pipe = client.pipeline(transaction=False)
+    for payload in payloads:
+        pipe.xadd(stream, {FIELD: payload})
+    return pipe.execute()

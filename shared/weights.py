@@ -1,0 +1,115 @@
+"""Weight versions: the learner writes each version atomically and announces it in Redis.
+
+Publish = write `model.safetensors` + `config.json` into `<root>/v000123.tmp/`, fsync, rename
+to `<root>/v000123/` (atomic on one filesystem), then MULTI: SET the announcement key and
+the version key. Readers (rollout replicas) GET the announcement between batches and load
+the directory only when the version is newer than theirs. Safetensors only: no pickle.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import redis
+
+from shared.streams import Keys
+from shared.wire import WeightAnnouncement, decode, encode
+
+if TYPE_CHECKING:
+    import torch
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def version_dir(root: str | Path, version: int) -> Path:
+    return Path(root) / f"v{version:06d}"
+
+
+def save_version(model: torch.nn.Module, root: str | Path, version: int) -> Path:
+    """Write the model's weights for `version` atomically; returns the final directory."""
+    from safetensors.torch import save_model
+
+    final = version_dir(root, version)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / WEIGHTS_FILE))  # handles tied embeddings
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.to_json_file(str(tmp / "config.json"))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def announce(client: redis.Redis, keys: Keys, version: int, path: Path) -> WeightAnnouncement:
+    """Make `version` visible to readers (after its files are complete)."""
+    ann = WeightAnnouncement(weight_version=version, path=str(path))
+    pipe = client.pipeline(transaction=True)
+    pipe.set(keys.weights, encode(ann))
+    pipe.set(keys.version, version)
+    pipe.execute()
+    return ann
+
+
+def latest(client: redis.Redis, keys: Keys) -> WeightAnnouncement | None:
+    """The newest announced version, or None before the learner's first publish."""
+    raw = client.get(keys.weights)
+    if raw is None:
+        return None
+    msg = decode(raw, WeightAnnouncement)
+    assert isinstance(msg, WeightAnnouncement)
+    return msg
+
+
+def load_version(model: torch.nn.Module, path: str | Path) -> None:
+    """Load a published version into `model` in place (strict: every tensor must match)."""
+    from safetensors.torch import load_model
+
+    missing, unexpected = load_model(model, str(Path(path) / WEIGHTS_FILE), strict=False)
+    tied = _tied_names(model)
+    missing = [m for m in missing if m not in tied]
+    if missing or unexpected:
+        raise ValueError(f"weights at {path} do not fit the model: missing={missing[:5]} "
+                         f"unexpected={list(unexpected)[:5]}")
+
+
+def _tied_names(model: torch.nn.Module) -> set[str]:
+    """Parameter names that share storage with another parameter (tied embeddings)."""
+    seen: dict[int, str] = {}
+    tied: set[str] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        ptr = tensor.data_ptr()
+        if ptr in seen:
+            tied.update({name, seen[ptr]})
+        seen[ptr] = name
+    return tied
+
+
+def prune_versions(root: str | Path, keep: int, newest: int) -> None:
+    """Delete version directories older than the newest `keep` (readers retry on a miss)."""
+    for d in Path(root).glob("v*"):
+        if d.is_dir() and d.name[1:].isdigit() and int(d.name[1:]) <= newest - keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def wait_for_version(
+    client: redis.Redis, keys: Keys, min_version: int = 0, timeout_s: float = 300.0
+) -> WeightAnnouncement:
+    """Block until a version >= min_version is announced."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ann = latest(client, keys)
+        if ann is not None and ann.weight_version >= min_version:
+            return ann
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no weight version >= {min_version} announced in {timeout_s}s")
+        time.sleep(0.1)
+

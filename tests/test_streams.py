@@ -1,0 +1,134 @@
+"""Redis streams transport against a real server: hand-off, reclaim after a consumer dies,
+backpressure, dead letters, admission control."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from shared.admission import Admission, set_limits
+from shared.streams import StreamConsumer, backlog, produce, wait_for_room
+
+pytestmark = pytest.mark.redis
+
+
+def test_hand_off_writes_downstream_then_acks(client, keys):
+    produce(client, keys.prompts, [b"a", b"b", b"c"])
+    c = StreamConsumer(client, keys.prompts, "rollout", "r0")
+    entries = c.read(10, block_ms=100)
+    assert [e.payload for e in entries] == [b"a", b"b", b"c"]
+    assert c.pending() == 3
+    c.hand_off([e.id for e in entries], keys.trajectories, [b"A", b"B", b"C"])
+    assert c.pending() == 0 and backlog(client, keys.prompts) == 0
+    down = StreamConsumer(client, keys.trajectories, "teacher", "t0").read(10, block_ms=100)
+    assert [e.payload for e in down] == [b"A", b"B", b"C"]
+
+
+def test_failed_hand_off_leaves_input_pending(client, keys):
+    produce(client, keys.prompts, [b"a"])
+    c = StreamConsumer(client, keys.prompts, "rollout", "r0")
+    entries = c.read(1, block_ms=100)
+    client.set(keys.trajectories, "not a stream")  # XADD inside the transaction fails
+    with pytest.raises(Exception):
+        c.hand_off([entries[0].id], keys.trajectories, [b"A"])
+    assert c.pending() == 1  # nothing acked: the prompt is not lost
+
+
+CHILD = """
+import os, sys
+from shared.streams import StreamConsumer, connect
+c = StreamConsumer(connect(sys.argv[1]), sys.argv[2], "teacher", "doomed")
+got = c.read(2, block_ms=2000)
+print(len(got), flush=True)
+import time; time.sleep(60)  # killed here, holding 2 unacked entries
+"""
+
+
+def test_entries_of_a_killed_consumer_are_reclaimed(client, keys, redis_server):
+    produce(client, keys.trajectories, [b"1", b"2", b"3"])
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, redis_server.url, keys.trajectories],
+                            stdout=subprocess.PIPE, cwd=os.getcwd())
+    assert proc.stdout.readline().strip() == b"2"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    live = StreamConsumer(client, keys.trajectories, "teacher", "live", reclaim_idle_ms=200)
+    (third,) = live.read(5, block_ms=100)  # the new entry; 1 and 2 are not idle long enough yet
+    assert third.payload == b"3"
+    time.sleep(0.3)
+    reclaimed = live.read(5, block_ms=100)  # our own in-progress entry 3 is not re-delivered
+    assert sorted(e.payload for e in reclaimed) == [b"1", b"2"]
+    live.ack([e.id for e in reclaimed])
+    pending = client.xpending_range(keys.trajectories, "teacher", "-", "+", 10)
+    assert [(p["message_id"], p["consumer"]) for p in pending] == [(third.id, b"live")]
+
+
+def test_backpressure_blocks_producer_without_trimming(client, keys):
+    produce(client, keys.scored, [b"x"] * 4)
+    released = threading.Event()
+
+    def producer():
+        assert wait_for_room(client, keys.scored, max_backlog=4, need=1, poll_s=0.01)
+        produce(client, keys.scored, [b"y"])
+        released.set()
+
+    t = threading.Thread(target=producer)
+    t.start()
+    time.sleep(0.2)
+    assert not released.is_set() and backlog(client, keys.scored) == 4  # blocked, nothing dropped
+    c = StreamConsumer(client, keys.scored, "learner", "l0")
+    c.ack([c.read(1, block_ms=100)[0].id])
+    t.join(timeout=5)
+    assert released.is_set() and backlog(client, keys.scored) == 4
+    assert [e.payload for e in c.read(10, block_ms=100)] == [b"x", b"x", b"x", b"y"]
+
+
+def test_wait_for_room_stops_when_asked(client, keys):
+    produce(client, keys.scored, [b"x"] * 2)
+    assert wait_for_room(client, keys.scored, 2, stop=lambda: True) is False
+
+
+def test_dead_letter_keeps_payload_and_reason(client, keys):
+    produce(client, keys.scored, [b"junk"])
+    c = StreamConsumer(client, keys.scored, "learner", "l0")
+    entry = c.read(1, block_ms=100)[0]
+    c.dead_letter(keys.dead, entry, "not valid msgpack")
+    assert c.pending() == 0
+    (_, fields), = client.xrange(keys.dead)
+    assert fields[b"m"] == b"junk" and fields[b"reason"] == b"not valid msgpack"
+    assert fields[b"source"] == keys.scored.encode()
+
+
+def test_consumer_recovers_when_stream_is_reset(client, keys):
+    c = StreamConsumer(client, keys.prompts, "rollout", "r0")
+    client.delete(keys.prompts)  # a fresh learner wiped the run
+    produce(client, keys.prompts, [b"p"])
+    assert [e.payload for e in c.read(1, block_ms=100)] == [b"p"]
+
+
+def test_admission_bounds_work_by_staleness(client, keys):
+    adm = Admission(client, keys)
+    assert adm.request(5) == (0, -1)  # no weights published yet
+    set_limits(client, keys, batch_size=4, max_staleness=1)
+    client.set(keys.version, 0)
+    assert adm.request(5) == (5, 0)
+    assert adm.request(5) == (3, 0)  # cap (0 + 1 + 1) * 4 = 8
+    assert adm.request(5) == (0, 0)
+    adm.release(2)  # e.g. fewer prompts were available
+    assert adm.request(5) == (2, 0)
+    client.set(keys.version, 1)
+    assert adm.request(10) == (4, 1)
+
+
+def test_sync_admission_is_one_batch_per_version(client, keys):
+    adm = Admission(client, keys)
+    set_limits(client, keys, batch_size=4, max_staleness=0)
+    client.set(keys.version, 3)
+    client.set(keys.admitted, 12)  # versions 0..2 consumed
+    assert adm.request(8) == (4, 3)
+    assert adm.request(8) == (0, 3)

@@ -1,0 +1,103 @@
+"""Wire format: round trips keep every array bit-exact; malformed payloads are rejected clearly."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+
+from shared.wire import (SCHEMA_VERSION, Prompt, ScoredTrajectory, TeacherScores, Trajectory,
+                         WeightAnnouncement, WireError, decode, encode)
+
+
+def make_scored(t: int = 5, k: int = 4, n: int = 3, version: int = 7) -> ScoredTrajectory:
+    rng = np.random.default_rng(0)
+    prompt = Prompt("p1", np.array([1, 5, 6, 7], np.int32), "12", weight_version=version)
+    comp = rng.integers(0, 20, t).astype(np.int32)
+    mc = np.concatenate([comp[:, None], rng.integers(0, 20, (t, n - 1))], 1).astype(np.int32)
+    traj = Trajectory("t1", prompt, comp, -rng.random(t).astype(np.float32),
+                      np.array([version] * (t - 1) + [version + 1], np.int32),
+                      mc, -rng.random((t, n)).astype(np.float32), "eos", "r0", 1.0, 2.0)
+    scores = TeacherScores(rng.integers(0, 20, (t, k)).astype(np.int32),
+                           -rng.random((t, k)).astype(np.float32), rng.random(t).astype(np.float32),
+                           -rng.random(t).astype(np.float32), -rng.random((t, n)).astype(np.float32),
+                           "teacher", "tr0", 3.0)
+    return ScoredTrajectory(traj, scores)
+
+
+def assert_arrays_equal(a: object, b: object) -> None:
+    for name, value in vars(a).items():
+        other = getattr(b, name)
+        if isinstance(value, np.ndarray):
+            assert value.dtype == other.dtype and value.shape == other.shape
+            assert np.array_equal(value, other), name
+        elif hasattr(value, "__dataclass_fields__"):
+            assert_arrays_equal(value, other)
+        else:
+            assert value == other, name
+
+
+def test_scored_round_trip_is_exact():
+    msg = make_scored()
+    back = decode(encode(msg), ScoredTrajectory)
+    assert_arrays_equal(msg, back)
+    assert back.weight_version == 7  # oldest token version
+
+
+def test_prompt_and_weights_round_trip():
+    p = Prompt("x", np.array([1, 2, 3], np.int32), "6", weight_version=3, created_at=1.5)
+    assert_arrays_equal(p, decode(encode(p), Prompt))
+    w = WeightAnnouncement(4, "/w/v000004", 9.0)
+    assert decode(encode(w)) == w
+
+
+def test_envelope_carries_schema_and_version():
+    body = msgpack.unpackb(encode(make_scored(version=11)))
+    assert body["schema"] == SCHEMA_VERSION and body["kind"] == "scored"
+    assert body["weight_version"] == 11
+    arr = body["trajectory"]["completion_ids"]
+    assert arr["dtype"] == "int32" and arr["shape"] == [5] and isinstance(arr["data"], bytes)
+
+
+def tamper(mutate) -> bytes:
+    body = msgpack.unpackb(encode(make_scored()))
+    mutate(body)
+    return msgpack.packb(body, use_bin_type=True)
+
+
+@pytest.mark.parametrize("payload, message", [
+    (b"\xc1\x00garbage", "not valid msgpack"),
+    (msgpack.packb([1, 2]), "not a map"),
+    (tamper(lambda b: b.update(schema=99)), "unknown schema version 99"),
+    (tamper(lambda b: b.pop("schema")), "unknown schema version None"),
+    (tamper(lambda b: b.update(kind="bogus")), "unknown message kind"),
+    (tamper(lambda b: b["trajectory"].pop("traj_id")), "missing field 'traj_id'"),
+    (tamper(lambda b: b["trajectory"]["completion_ids"].update(shape=[6])), "data bytes"),
+    (tamper(lambda b: b["trajectory"]["completion_ids"].update(dtype="float32")), "dtype"),
+    (tamper(lambda b: b["teacher"]["topk_ids"].update(shape=[4, 5], data=b"\0" * 80)), "top-k arrays"),
+    (tamper(lambda b: b["teacher"].update(mc_logprobs=None)), "mc_logprobs"),
+    (tamper(lambda b: b["trajectory"]["behaviour_logprobs"].update(
+        data=np.array([0, np.nan, 0, 0, 0], np.float32).tobytes())), "finite"),
+    (tamper(lambda b: b["teacher"]["sampled_logprobs"].update(
+        data=np.array([0, 2.0, 0, 0, 0], np.float32).tobytes())), "<= 0"),
+    (tamper(lambda b: b.update(weight_version=0)), "disagrees"),
+    (tamper(lambda b: b["trajectory"].update(traj_id=5)), "traj_id"),
+])
+def test_bad_payloads_are_rejected_with_a_reason(payload, message):
+    with pytest.raises(WireError, match=message):
+        decode(payload)
+
+
+def test_wrong_kind_and_oversize_rejected(monkeypatch):
+    with pytest.raises(WireError, match="expected 'prompt'"):
+        decode(encode(make_scored()), Prompt)
+    monkeypatch.setattr("shared.wire.MAX_MESSAGE_BYTES", 100)
+    with pytest.raises(WireError, match="exceeds"):
+        decode(encode(make_scored()))
+
+
+def test_mc_column_zero_must_be_sampled_token():
+    msg = make_scored()
+    msg.trajectory.mc_ids_TN[0, 0] += 1
+    with pytest.raises(WireError, match="column 0"):
+        decode(encode(msg))
