@@ -1,9 +1,9 @@
 """Redis streams transport: stream/key names, consumer groups, hand-off, reclaim, backpressure.
 
 Each stage reads its input stream through a consumer group and hands results downstream
-with `hand_off`, which writes the downstream entries and acks+deletes the inputs in one
-MULTI/EXEC transaction: an input is never acked before its output exists, and a crash
-leaves it pending for `XAUTOCLAIM` by a live replica. Consumed entries are deleted, so a
+with `hand_off`, which writes the downstream entries and then acks+deletes the inputs in one
+server-side Lua script: an input is never acked unless its outputs were written, and a
+crash leaves it pending for `XAUTOCLAIM` by a live replica. Consumed entries are deleted, so a
 stream's length is exactly its backlog (undelivered + pending); producers wait while the
 backlog is at its bound (`wait_for_room`) instead of trimming unconsumed data.
 

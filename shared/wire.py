@@ -200,8 +200,9 @@ class Trajectory:
         if (self.mc_ids_TN is None) != (self.mc_logprobs_TN is None):
             raise WireError(f"{where}: mc_ids and mc_logprobs must come together")
         if self.mc_ids_TN is not None:
-            if self.mc_ids_TN.shape[0] != n or self.mc_logprobs_TN.shape != self.mc_ids_TN.shape:
-                raise WireError(f"{where}: MC arrays must be ({n}, N) and equal shape")
+            if (self.mc_ids_TN.shape[0] != n or self.mc_ids_TN.shape[1] < 1
+                    or self.mc_logprobs_TN.shape != self.mc_ids_TN.shape):
+                raise WireError(f"{where}: MC arrays must be ({n}, N >= 1) and equal shape")
             if not (self.mc_ids_TN[:, 0] == self.completion_ids_T).all():
                 raise WireError(f"{where}.mc_ids: column 0 must be the sampled tokens")
 

@@ -96,8 +96,36 @@ def test_wrong_kind_and_oversize_rejected(monkeypatch):
         decode(encode(make_scored()))
 
 
+def test_empty_mc_sample_axis_rejected():
+    body = msgpack.unpackb(encode(make_scored()))
+    for arr in (body["trajectory"]["mc_ids"], body["trajectory"]["mc_logprobs"], body["teacher"]["mc_logprobs"]):
+        arr.update(shape=[5, 0], data=b"")
+    with pytest.raises(WireError, match="N >= 1"):
+        decode(msgpack.packb(body, use_bin_type=True))
+
+
 def test_mc_column_zero_must_be_sampled_token():
     msg = make_scored()
     msg.trajectory.mc_ids_TN[0, 0] += 1
     with pytest.raises(WireError, match="column 0"):
         decode(encode(msg))
+
+
+def test_corrupted_payloads_raise_only_wire_errors():
+    """Random truncations and byte flips never escape as anything but WireError."""
+    good = encode(make_scored())
+    rng = np.random.default_rng(1)
+    outcomes = {"ok": 0, "rejected": 0}
+    for _ in range(2000):
+        buf = bytearray(good)
+        if rng.random() < 0.3:
+            buf = buf[: rng.integers(0, len(buf))]
+        for pos in rng.integers(0, max(1, len(buf)), rng.integers(1, 4)):
+            if buf:
+                buf[pos] = rng.integers(0, 256)
+        try:
+            decode(bytes(buf))
+            outcomes["ok"] += 1
+        except WireError:
+            outcomes["rejected"] += 1
+    assert outcomes["rejected"] > 1000
