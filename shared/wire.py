@@ -216,6 +216,8 @@ class TeacherScores:
     tail_mass_T: np.ndarray  # float32 1 - sum_topk p (clamped to [0, 1])
     sampled_logprobs_T: np.ndarray  # float32 log p(y_t)
     mc_logprobs_TN: np.ndarray | None = None  # float32 log p of the trajectory's mc_ids_TN
+    draw_ids_TN: np.ndarray | None = None  # int32 ids drawn from the teacher p (teacher-sampled FKL)
+    draw_logprobs_TN: np.ndarray | None = None  # float32 log p of draw_ids_TN
     teacher: str = ""  # teacher model name, for provenance
     replica: str = ""
     scored_at: float = 0.0
@@ -229,6 +231,10 @@ class TeacherScores:
             "mc_logprobs": None
             if self.mc_logprobs_TN is None
             else pack_array(self.mc_logprobs_TN.astype(np.float32)),
+            "draw_ids": None if self.draw_ids_TN is None else pack_array(self.draw_ids_TN.astype(np.int32)),
+            "draw_logprobs": None
+            if self.draw_logprobs_TN is None
+            else pack_array(self.draw_logprobs_TN.astype(np.float32)),
             "teacher": self.teacher,
             "replica": self.replica,
             "scored_at": self.scored_at,
@@ -247,6 +253,10 @@ class TeacherScores:
                 d.get("sampled_logprobs"), f"{where}.sampled_logprobs", 1
             ),
             mc_logprobs_TN=_opt_array(d, "mc_logprobs", where, 2),
+            draw_ids_TN=None
+            if d.get("draw_ids") is None
+            else unpack_array(d["draw_ids"], f"{where}.draw_ids", "int32", 2),
+            draw_logprobs_TN=_opt_array(d, "draw_logprobs", where, 2),
             teacher=_get(d, "teacher", str, where),
             replica=_get(d, "replica", str, where),
             scored_at=float(_get(d, "scored_at", (int, float), where)),
@@ -279,6 +289,10 @@ class ScoredTrajectory:
         mc_shape = None if traj.mc_ids_TN is None else traj.mc_ids_TN.shape
         if (None if s.mc_logprobs_TN is None else s.mc_logprobs_TN.shape) != mc_shape:
             raise WireError(f"{where}.teacher.mc_logprobs: must match mc_ids shape {mc_shape}")
+        draw = None if s.draw_ids_TN is None else s.draw_ids_TN.shape
+        if draw != (None if s.draw_logprobs_TN is None else s.draw_logprobs_TN.shape) or (
+                draw is not None and (draw[0] != n or draw[1] < 1)):
+            raise WireError(f"{where}.teacher: draw_ids/draw_logprobs must both be ({n}, N >= 1) or absent")
         return cls(traj, scores)
 
 

@@ -125,7 +125,65 @@ def test_objective_masks_padding_and_rejects_unknown():
     ref = exact_forward_kl(student, teacher)[mask].mean()
     torch.testing.assert_close(loss, ref)
     assert metrics["kl/forward_topk"] == pytest.approx(float(ref))
-    with pytest.raises(ValueError, match="unknown estimators"):
+    with pytest.raises(ValueError, match="unknown or no estimators"):
         objective(x, {"nope": 1.0})
     with pytest.raises(ValueError, match="MC samples"):
         objective(x, {"rkl_mc": 1.0})
+
+
+def test_reverse_kl_on_full_support_is_exact():
+    from services.learner.losses import reverse_kl_support
+
+    student, teacher = dists()
+    torch.testing.assert_close(reverse_kl_support(student, teacher), exact_reverse_kl(student, teacher))
+
+
+def test_jsd_endpoints_and_midpoint():
+    from services.learner.losses import generalized_jsd, skew_kl
+
+    student, teacher = dists()
+    torch.testing.assert_close(generalized_jsd(student, teacher, 0.0), exact_forward_kl(student, teacher))
+    torch.testing.assert_close(generalized_jsd(student, teacher, 1.0), exact_reverse_kl(student, teacher))
+    m = torch.log(0.5 * student.exp() + 0.5 * teacher.exp())
+    ref = 0.5 * exact_reverse_kl(teacher, m) + 0.5 * exact_reverse_kl(student, m)
+    torch.testing.assert_close(generalized_jsd(student, teacher, 0.5), ref)
+    assert (ref <= torch.log(torch.tensor(2.0, dtype=torch.float64)) + 1e-12).all()  # JSD <= log 2
+    mix = torch.log(0.1 * teacher.exp() + 0.9 * student.exp())
+    torch.testing.assert_close(skew_kl(teacher, student, 0.1), exact_reverse_kl(teacher, mix))
+
+
+def test_teacher_sampled_forward_kl_gradient_is_unbiased():
+    from services.learner.losses import teacher_sampled_forward_kl
+
+    logits = torch.randn(1, 1, V, dtype=torch.float64)
+    teacher = torch.log_softmax(torch.randn(1, 1, V, dtype=torch.float64), -1)
+    # exact expectation over y ~ p: weight each token's loss by p(y)
+    x = logits.clone().requires_grad_(True)
+    student = torch.log_softmax(x, -1)
+    ids = torch.arange(V).view(1, 1, V)
+    per_draw = teacher_sampled_forward_kl(student.gather(-1, ids).unsqueeze(-1), teacher.gather(-1, ids).unsqueeze(-1))
+    g, = torch.autograd.grad((teacher.exp() * per_draw).sum(), x)
+    y = logits.clone().requires_grad_(True)
+    exact, = torch.autograd.grad(exact_forward_kl(torch.log_softmax(y, -1), teacher).sum(), y)
+    torch.testing.assert_close(g, exact)
+
+
+def test_every_estimator_runs_and_is_finite_with_full_inputs():
+    from services.learner.losses import ESTIMATORS, ObjectiveConfig
+
+    student, teacher = dists()
+    logits = student.clone().requires_grad_(True)
+    s = torch.log_softmax(logits, -1)
+    top_lp, top_ids = teacher.topk(5, -1)
+    ids = torch.randint(0, V, (B, T))
+    mc = torch.cat([ids[..., None], torch.randint(0, V, (B, T, 3))], -1)
+    draws = torch.randint(0, V, (B, T, 2))
+    x = LossInputs(s, torch.ones(B, T, dtype=torch.bool), ids, s.detach().gather(-1, ids[..., None])[..., 0],
+                   teacher.gather(-1, ids[..., None])[..., 0], top_ids, top_lp, mc,
+                   s.detach().gather(-1, mc), teacher.gather(-1, mc), draws, teacher.gather(-1, draws))
+    for name in ESTIMATORS:
+        loss, metrics = objective(x, ObjectiveConfig(losses={name: 1.0}))
+        g, = torch.autograd.grad(loss, logits, retain_graph=True)
+        assert torch.isfinite(loss) and torch.isfinite(g).all() and g.abs().sum() > 0, name
+    with pytest.raises(ValueError, match="unknown"):
+        ObjectiveConfig(losses={"nope": 1.0})

@@ -21,7 +21,9 @@ def make_scored(t: int = 5, k: int = 4, n: int = 3, version: int = 7) -> ScoredT
     scores = TeacherScores(rng.integers(0, 20, (t, k)).astype(np.int32),
                            -rng.random((t, k)).astype(np.float32), rng.random(t).astype(np.float32),
                            -rng.random(t).astype(np.float32), -rng.random((t, n)).astype(np.float32),
-                           "teacher", "tr0", 3.0)
+                           draw_ids_TN=rng.integers(0, 20, (t, 2)).astype(np.int32),
+                           draw_logprobs_TN=-rng.random((t, 2)).astype(np.float32),
+                           teacher="teacher", replica="tr0", scored_at=3.0)
     return ScoredTrajectory(traj, scores)
 
 
@@ -76,6 +78,7 @@ def tamper(mutate) -> bytes:
     (tamper(lambda b: b["trajectory"]["completion_ids"].update(dtype="float32")), "dtype"),
     (tamper(lambda b: b["teacher"]["topk_ids"].update(shape=[4, 5], data=b"\0" * 80)), "top-k arrays"),
     (tamper(lambda b: b["teacher"].update(mc_logprobs=None)), "mc_logprobs"),
+    (tamper(lambda b: b["teacher"].update(draw_logprobs=None)), "draw_ids/draw_logprobs"),
     (tamper(lambda b: b["trajectory"]["behaviour_logprobs"].update(
         data=np.array([0, np.nan, 0, 0, 0], np.float32).tobytes())), "finite"),
     (tamper(lambda b: b["teacher"]["sampled_logprobs"].update(

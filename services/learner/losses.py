@@ -1,10 +1,10 @@
-"""OPD loss estimators: pure torch functions on per-position tensors (see docs/losses in README).
+"""OPD loss estimators: pure torch functions on per-position tensors.
 
-Notation (../shared/reference/opd-methods.md): mu = behaviour student that sampled the
-prefix, pi = current student at the learner, p = teacher, y_t = sampled token. Every
-estimator returns a per-position loss [B, T]; `objective` averages over response tokens.
-All tensors are log-probs; no I/O here, so each function is tested against dense float64
-references in tests/test_losses.py.
+Notation (docs/losses.md): mu = behaviour student that sampled the prefix, pi = current
+student at the learner, p = teacher, y_t = sampled token. Every estimator returns a
+per-position loss [B, T]; `objective` weights, down-weights (drift control) and averages
+them over response tokens. No I/O here: tests/test_losses.py checks each against dense
+float64 references.
 
     python -c "import services.learner.losses as L; print(sorted(L.ESTIMATORS))"
 """
@@ -12,23 +12,22 @@ references in tests/test_losses.py.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from services.learner.drift import DriftConfig, drift_weights, topk_overlap
+from services.learner.stabilisers import StabiliserConfig, policy_gradient, vcpo_lr_scale
 
 TAIL_EPS = 1e-6
 
 
-def forward_kl_topk(
-    student_logprobs_BTV: torch.Tensor,
-    topk_ids_BTK: torch.Tensor,
-    topk_logprobs_BTK: torch.Tensor,
-    variant: str = "plain",
-) -> torch.Tensor:
+def forward_kl_topk(student_logprobs_BTV: torch.Tensor, topk_ids_BTK: torch.Tensor,
+                    topk_logprobs_BTK: torch.Tensor, variant: str = "plain") -> torch.Tensor:
     """Teacher-weighted forward KL on the teacher's top-k: sum_i p(i) [log p(i) - log pi(i)].
 
-    variant "plain": as written (exact KL when k = V); "renorm": both distributions
-    renormalised over the top-k; "tail": plain plus a tail bucket p_tail log(p_tail/pi_tail).
+    "plain": as written (exact KL when k = V); "renorm": both renormalised over the top-k;
+    "tail": plain plus a tail bucket p_tail log(p_tail / pi_tail), only pi_tail clamped.
     The weights p do not depend on mu, which is why this is robust to stale rollouts.
     """
     s_BTK = torch.gather(student_logprobs_BTV, -1, topk_ids_BTK.long())
@@ -39,53 +38,68 @@ def forward_kl_topk(
     loss_BT = (t_BTK.exp() * (t_BTK - s_BTK)).sum(-1)
     if variant == "tail":
         p_tail = (1.0 - t_BTK.exp().sum(-1)).clamp(min=0.0)
-        pi_tail = (1.0 - s_BTK.exp().sum(-1)).clamp(min=TAIL_EPS)  # clamp only the student
+        pi_tail = (1.0 - s_BTK.exp().sum(-1)).clamp(min=TAIL_EPS)
         loss_BT = loss_BT + torch.xlogy(p_tail, p_tail) - p_tail * pi_tail.log()
     elif variant not in ("plain", "renorm"):
         raise ValueError(f"unknown forward-KL variant {variant!r}")
     return loss_BT
 
 
-def sampled_reverse_kl(
-    student_logprob_BT: torch.Tensor,
-    behaviour_logprob_BT: torch.Tensor,
-    teacher_logprob_BT: torch.Tensor,
-    advantage: str = "recompute",
-    clip_eps: float | None = None,
-) -> torch.Tensor:
-    """Policy-gradient reverse KL on the sampled token: loss = -A * pi(y)/mu(y).
-
-    advantage "stale": A = log p(y) - log mu(y) (what the rollout saw; breaks under staleness);
-    "recompute": A = sg(log p(y) - log pi(y)) under the current student (the AsyncOPD fix).
-    clip_eps applies PPO clipping of the ratio (None: unclipped, an unbiased IS estimate).
-    """
-    ratio_BT = torch.exp(student_logprob_BT - behaviour_logprob_BT)
-    if advantage == "stale":
-        adv_BT = teacher_logprob_BT - behaviour_logprob_BT
-    elif advantage == "recompute":
-        adv_BT = (teacher_logprob_BT - student_logprob_BT).detach()
-    else:
-        raise ValueError(f"unknown advantage {advantage!r}")
-    surrogate_BT = adv_BT * ratio_BT
-    if clip_eps is not None:
-        clipped_BT = adv_BT * ratio_BT.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-        surrogate_BT = torch.minimum(surrogate_BT, clipped_BT)
-    return -surrogate_BT
+def reverse_kl_support(student_logprobs_BTS: torch.Tensor, teacher_logprobs_BTS: torch.Tensor) -> torch.Tensor:
+    """Reverse KL on a cached support S: sum_{i in S} pi(i) [log pi(i) - log p(i)].
+    Biased (and unstable) when pi's mass leaves S; exact when S is the whole vocabulary."""
+    return (student_logprobs_BTS.exp() * (student_logprobs_BTS - teacher_logprobs_BTS)).sum(-1)
 
 
-def mc_reverse_kl(
-    student_logprobs_BTN: torch.Tensor,
-    behaviour_logprobs_BTN: torch.Tensor,
-    teacher_logprobs_BTN: torch.Tensor,
-) -> torch.Tensor:
-    """Multi-sample MC reverse KL: the recompute estimator averaged over N samples from mu.
+def advantage(student_BT: torch.Tensor, behaviour_BT: torch.Tensor, teacher_BT: torch.Tensor,
+              kind: str) -> torch.Tensor:
+    """Per-token reward log p - log(policy): "stale" uses mu, "recompute" the current pi."""
+    if kind == "stale":
+        return teacher_BT - behaviour_BT
+    if kind == "recompute":
+        return (teacher_BT - student_BT).detach()
+    raise ValueError(f"unknown advantage {kind!r}")
 
-    Unbiased for grad KL(pi || p) at each position under the current student, whatever mu
-    was (importance weights pi/mu); variance falls like 1/N.
-    """
-    return sampled_reverse_kl(
-        student_logprobs_BTN, behaviour_logprobs_BTN, teacher_logprobs_BTN, "recompute"
-    ).mean(-1)
+
+def sampled_reverse_kl(student_logprob_BT: torch.Tensor, behaviour_logprob_BT: torch.Tensor,
+                       teacher_logprob_BT: torch.Tensor, advantage_kind: str = "recompute",
+                       clip_eps: float | None = None) -> torch.Tensor:
+    """Policy-gradient reverse KL on the sampled token: -A pi(y)/mu(y), optionally PPO-clipped."""
+    adv = advantage(student_logprob_BT, behaviour_logprob_BT, teacher_logprob_BT, advantage_kind)
+    cfg = StabiliserConfig("none" if clip_eps is None else "ppo_clip", clip_eps=clip_eps or 0.2)
+    mask = torch.ones_like(adv, dtype=torch.bool)
+    return policy_gradient(adv, student_logprob_BT, behaviour_logprob_BT, mask, cfg)
+
+
+def mc_reverse_kl(student_logprobs_BTN: torch.Tensor, behaviour_logprobs_BTN: torch.Tensor,
+                  teacher_logprobs_BTN: torch.Tensor) -> torch.Tensor:
+    """Multi-sample MC reverse KL: the recompute estimator averaged over N draws from mu.
+    Unbiased for grad KL(pi || p) under the current student whatever mu was; variance ~ 1/N."""
+    return sampled_reverse_kl(student_logprobs_BTN, behaviour_logprobs_BTN, teacher_logprobs_BTN).mean(-1)
+
+
+def teacher_sampled_forward_kl(student_logprobs_BTN: torch.Tensor, teacher_logprobs_BTN: torch.Tensor) -> torch.Tensor:
+    """(1/N) sum_j [log p(y_j) - log pi(y_j)], y_j ~ p: unbiased forward KL (and gradient)."""
+    return (teacher_logprobs_BTN - student_logprobs_BTN).mean(-1)
+
+
+def generalized_jsd(student_BTS: torch.Tensor, teacher_BTS: torch.Tensor, beta: float) -> torch.Tensor:
+    """JSD_beta = beta KL(p||m) + (1-beta) KL(pi||m), m = beta p + (1-beta) pi, over a support
+    where both are normalised; beta = 0 is forward KL(p||pi), beta = 1 reverse KL(pi||p)."""
+    if beta <= 0.0:
+        return reverse_kl_support(teacher_BTS, student_BTS)
+    if beta >= 1.0:
+        return reverse_kl_support(student_BTS, teacher_BTS)
+    log_m = torch.logsumexp(torch.stack([teacher_BTS + torch.log(torch.tensor(beta)),
+                                         student_BTS + torch.log(torch.tensor(1 - beta))]), 0)
+    return beta * reverse_kl_support(teacher_BTS, log_m) + (1 - beta) * reverse_kl_support(student_BTS, log_m)
+
+
+def skew_kl(a_BTS: torch.Tensor, b_BTS: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Skew KL(a || alpha a + (1-alpha) b) over a normalised support (DistiLLM)."""
+    mix = torch.logsumexp(torch.stack([a_BTS + torch.log(torch.tensor(alpha)),
+                                       b_BTS + torch.log(torch.tensor(1 - alpha))]), 0)
+    return reverse_kl_support(a_BTS, mix)
 
 
 @dataclass
@@ -102,6 +116,8 @@ class LossInputs:
     mc_ids_BTN: torch.Tensor | None = None  # column 0 = y_t
     mc_behaviour_logprobs_BTN: torch.Tensor | None = None
     mc_teacher_logprobs_BTN: torch.Tensor | None = None
+    teacher_draw_ids_BTN: torch.Tensor | None = None  # y_j ~ p
+    teacher_draw_logprobs_BTN: torch.Tensor | None = None
 
     def student_at(self, ids: torch.Tensor) -> torch.Tensor:
         """log pi of given ids: [B, T] or [B, T, N]."""
@@ -109,29 +125,69 @@ class LossInputs:
             return torch.gather(self.student_logprobs_BTV, -1, ids.long().unsqueeze(-1))[..., 0]
         return torch.gather(self.student_logprobs_BTV, -1, ids.long())
 
-
-def _rkl(advantage: str) -> Callable[[LossInputs], torch.Tensor]:
-    def est(x: LossInputs) -> torch.Tensor:
-        return sampled_reverse_kl(x.student_at(x.sampled_ids_BT), x.behaviour_logprobs_BT,
-                                  x.teacher_sampled_logprobs_BT, advantage)
-    return est
+    def on_topk(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student, teacher) log-probs renormalised over the teacher's top-k support."""
+        s = self.student_at(self.topk_ids_BTK)
+        return s - s.logsumexp(-1, keepdim=True), self.topk_logprobs_BTK - self.topk_logprobs_BTK.logsumexp(-1, keepdim=True)
 
 
-def _mc(x: LossInputs) -> torch.Tensor:
-    if x.mc_ids_BTN is None or x.mc_teacher_logprobs_BTN is None:
-        raise ValueError("rkl_mc needs MC samples: set the rollout's mc_samples >= 2")
-    return mc_reverse_kl(x.student_at(x.mc_ids_BTN), x.mc_behaviour_logprobs_BTN,
-                         x.mc_teacher_logprobs_BTN)
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Which estimators (name -> weight) and how the sampled ones are stabilised."""
+
+    losses: dict[str, float] = field(default_factory=lambda: {"fkl_topk": 1.0})
+    stabiliser: StabiliserConfig = StabiliserConfig()
+    vcpo: bool = False  # scale the step's learning rate by sqrt(min(1, ESS/B))
+    jsd_beta: float = 0.5
+    skew_alpha: float = 0.1
+    drift: DriftConfig = DriftConfig()
+
+    def __post_init__(self) -> None:
+        unknown = set(self.losses) - set(ESTIMATORS)
+        if unknown or not self.losses:
+            raise ValueError(f"unknown or no estimators {sorted(unknown)}; known: {sorted(ESTIMATORS)}")
 
 
-ESTIMATORS: dict[str, Callable[[LossInputs], torch.Tensor]] = {
-    "fkl_topk": lambda x: forward_kl_topk(x.student_logprobs_BTV, x.topk_ids_BTK,
-                                          x.topk_logprobs_BTK, "plain"),
-    "fkl_topk_renorm": lambda x: forward_kl_topk(x.student_logprobs_BTV, x.topk_ids_BTK,
-                                                 x.topk_logprobs_BTK, "renorm"),
-    "rkl_stale": _rkl("stale"),
-    "rkl_recompute": _rkl("recompute"),
+Estimator = Callable[[LossInputs, ObjectiveConfig], torch.Tensor]
+
+
+def _sampled(kind: str) -> Estimator:
+    def estimator(x: LossInputs, cfg: ObjectiveConfig) -> torch.Tensor:
+        pi = x.student_at(x.sampled_ids_BT)
+        adv = advantage(pi, x.behaviour_logprobs_BT, x.teacher_sampled_logprobs_BT, kind)
+        return policy_gradient(adv, pi, x.behaviour_logprobs_BT, x.mask_BT, cfg.stabiliser)
+    return estimator
+
+
+def _need(value: torch.Tensor | None, what: str) -> torch.Tensor:
+    if value is None:
+        raise ValueError(what)
+    return value
+
+
+def _mc(x: LossInputs, cfg: ObjectiveConfig) -> torch.Tensor:
+    ids = _need(x.mc_ids_BTN, "rkl_mc needs MC samples: set the rollout's mc_samples >= 2")
+    return mc_reverse_kl(x.student_at(ids), _need(x.mc_behaviour_logprobs_BTN, "MC behaviour log-probs"),
+                         _need(x.mc_teacher_logprobs_BTN, "MC teacher log-probs"))
+
+
+def _teacher_sampled(x: LossInputs, cfg: ObjectiveConfig) -> torch.Tensor:
+    ids = _need(x.teacher_draw_ids_BTN, "fkl_teacher_sampled needs teacher draws: set the teacher's draws >= 1")
+    return teacher_sampled_forward_kl(x.student_at(ids), _need(x.teacher_draw_logprobs_BTN, "teacher draw log-probs"))
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    "fkl_topk": lambda x, c: forward_kl_topk(x.student_logprobs_BTV, x.topk_ids_BTK, x.topk_logprobs_BTK),
+    "fkl_topk_renorm": lambda x, c: forward_kl_topk(x.student_logprobs_BTV, x.topk_ids_BTK, x.topk_logprobs_BTK, "renorm"),
+    "fkl_topk_tail": lambda x, c: forward_kl_topk(x.student_logprobs_BTV, x.topk_ids_BTK, x.topk_logprobs_BTK, "tail"),
+    "rkl_support": lambda x, c: reverse_kl_support(x.student_at(x.topk_ids_BTK), x.topk_logprobs_BTK),
+    "rkl_stale": _sampled("stale"),
+    "rkl_recompute": _sampled("recompute"),
     "rkl_mc": _mc,
+    "fkl_teacher_sampled": _teacher_sampled,
+    "jsd": lambda x, c: generalized_jsd(*x.on_topk(), c.jsd_beta),
+    "skew_fkl": lambda x, c: skew_kl(x.on_topk()[1], x.on_topk()[0], c.skew_alpha),
+    "skew_rkl": lambda x, c: skew_kl(*x.on_topk(), c.skew_alpha),
 }
 
 
@@ -140,22 +196,38 @@ def masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     return (x_BT * m).sum() / m.sum().clamp(min=1.0)
 
 
-def objective(x: LossInputs, weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted sum of estimators, each averaged over response tokens; plus diagnostics."""
-    unknown = set(weights) - set(ESTIMATORS)
-    if unknown:
-        raise ValueError(f"unknown estimators {sorted(unknown)}; known: {sorted(ESTIMATORS)}")
-    total = x.student_logprobs_BTV.new_zeros(())
+def objective(x: LossInputs, cfg: ObjectiveConfig | dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted sum of estimators averaged over response tokens, plus diagnostics.
+    metrics["lr_scale"] is the VCPO learning-rate factor (1 when VCPO is off)."""
+    if isinstance(cfg, dict):
+        cfg = ObjectiveConfig(losses=cfg)
+    weights_BT = x.mask_BT.to(x.student_logprobs_BTV.dtype)
     metrics: dict[str, float] = {}
-    for name, w in weights.items():
-        term = masked_mean(ESTIMATORS[name](x), x.mask_BT)
+    if cfg.drift.enabled:
+        overlap = topk_overlap(x.student_logprobs_BTV, x.topk_ids_BTK, cfg.drift.k)
+        weights_BT = drift_weights(overlap, x.mask_BT, cfg.drift)
+        metrics.update({"drift/overlap": float(masked_mean(overlap, x.mask_BT)),
+                        "drift/weight": float(masked_mean(weights_BT, x.mask_BT))})
+    total = x.student_logprobs_BTV.new_zeros(())
+    for name, w in cfg.losses.items():
+        per_token = ESTIMATORS[name](x, cfg)
+        term = (per_token * weights_BT).sum() / x.mask_BT.sum().clamp(min=1)
         metrics[f"loss/{name}"] = float(term.detach())
         total = total + w * term
-    with torch.no_grad():
-        pi_y = x.student_at(x.sampled_ids_BT)
-        metrics["kl/reverse_sampled"] = float(masked_mean(pi_y - x.teacher_sampled_logprobs_BT, x.mask_BT))
-        metrics["kl/forward_topk"] = float(masked_mean(forward_kl_topk(
-            x.student_logprobs_BTV, x.topk_ids_BTK, x.topk_logprobs_BTK), x.mask_BT))
-        metrics["ratio/mean"] = float(masked_mean((pi_y - x.behaviour_logprobs_BT).exp(), x.mask_BT))
+    metrics.update(_diagnostics(x, cfg))
     metrics["loss/total"] = float(total.detach())
     return total, metrics
+
+
+def _diagnostics(x: LossInputs, cfg: ObjectiveConfig) -> dict[str, float]:
+    with torch.no_grad():
+        pi_y = x.student_at(x.sampled_ids_BT)
+        ratio = (pi_y - x.behaviour_logprobs_BT).exp()
+        return {
+            "kl/reverse_sampled": float(masked_mean(pi_y - x.teacher_sampled_logprobs_BT, x.mask_BT)),
+            "kl/forward_topk": float(masked_mean(forward_kl_topk(
+                x.student_logprobs_BTV, x.topk_ids_BTK, x.topk_logprobs_BTK), x.mask_BT)),
+            "ratio/mean": float(masked_mean(ratio, x.mask_BT)),
+            "ratio/max": float(ratio[x.mask_BT].max()) if x.mask_BT.any() else 1.0,
+            "lr_scale": vcpo_lr_scale(pi_y, x.behaviour_logprobs_BT, x.mask_BT) if cfg.vcpo else 1.0,
+        }

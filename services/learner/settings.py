@@ -5,10 +5,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from services.learner.losses import ObjectiveConfig
 
 
 class LearnerSettings(ServiceSettings):
@@ -26,6 +31,32 @@ class LearnerSettings(ServiceSettings):
     """Optimizer steps before the learner saves the final student and exits (0: run forever)."""
     losses: dict[str, float] = Field(default_factory=lambda: {"fkl_topk": 1.0, "rkl_recompute": 1.0})
     """Estimators and their weights, JSON, e.g. '{"fkl_topk": 1, "rkl_recompute": 1}'; names in services/learner/losses.py."""
+    stabiliser: str = "none"
+    """Ratio control for rkl_stale/rkl_recompute: none, ppo_clip, decoupled_ppo, m2po, tis, mis, minpro."""
+    clip_eps: float = 0.2
+    """PPO / decoupled-PPO clip range."""
+    is_cap: float = 2.0
+    """Cap C of truncated / masked importance sampling."""
+    decoupled_cap: float = 5.0
+    """Decoupled PPO drops tokens whose pi_prox/mu exceeds this."""
+    m2po_tau: float = 0.04
+    """M2PO bound on the mean squared log-ratio of kept tokens."""
+    vcpo: bool = False
+    """VCPO: scale each step's learning rate by sqrt(min(1, ESS/B))."""
+    jsd_beta: float = 0.5
+    """beta of the generalised JSD estimator (0 forward KL, 1 reverse KL)."""
+    skew_alpha: float = 0.1
+    """alpha of the skew KL estimators."""
+    drift: bool = False
+    """Prune-OPD drift control: down-weight positions after student/teacher top-k overlap drops."""
+    drift_k: int = 8
+    """Top-k size compared by drift control."""
+    drift_low: float = 0.25
+    """Overlap at or below which a position (and all later ones) gets weight 0."""
+    drift_high: float = 0.75
+    """Overlap at or above which a position keeps full weight."""
+    drift_truncate_below: float = 0.0
+    """Truncate the trajectory from the first position with overlap below this (0: off)."""
     lr: float = 1e-3
     """AdamW learning rate."""
     weight_decay: float = 0.0
@@ -44,3 +75,18 @@ class LearnerSettings(ServiceSettings):
     """Start a new run: delete this run's streams and keys in Redis first."""
     seed: int = 0
     """Seed for prompt order and torch."""
+
+    def objective(self) -> ObjectiveConfig:
+        """The loss configuration these settings describe (validated here, at start-up)."""
+        from services.learner.drift import DriftConfig
+        from services.learner.losses import ObjectiveConfig
+        from services.learner.stabilisers import StabiliserConfig
+
+        return ObjectiveConfig(
+            losses=dict(self.losses),
+            stabiliser=StabiliserConfig(self.stabiliser, self.clip_eps, self.is_cap,
+                                        self.decoupled_cap, self.m2po_tau),
+            vcpo=self.vcpo, jsd_beta=self.jsd_beta, skew_alpha=self.skew_alpha,
+            drift=DriftConfig(self.drift, self.drift_k, self.drift_low, self.drift_high,
+                              self.drift_truncate_below),
+        )

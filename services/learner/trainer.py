@@ -10,15 +10,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from services.learner.losses import LossInputs, objective
+from services.learner.losses import LossInputs, ObjectiveConfig, objective
 from shared.sequences import PackedBatch, completion_logits, pack, pad_rows
 from shared.wire import ScoredTrajectory
 
 
 class Trainer:
     def __init__(self, model: torch.nn.Module, *, lr: float, weight_decay: float,
-                 grad_clip: float, losses: dict[str, float], pad_id: int) -> None:
-        self.model, self.grad_clip, self.losses, self.pad_id = model, grad_clip, losses, pad_id
+                 grad_clip: float, objective: ObjectiveConfig, pad_id: int) -> None:
+        self.model, self.grad_clip, self.objective, self.pad_id = model, grad_clip, objective, pad_id
+        self.lr = lr
         self.device = next(model.parameters()).device
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 
@@ -29,12 +30,14 @@ class Trainer:
                       [b.trajectory.completion_ids_T for b in batch], self.pad_id)
         packed = packed.to(str(self.device))
         logprobs_BTV = torch.log_softmax(completion_logits(self.model, packed), dim=-1)
-        loss, metrics = objective(self.inputs(batch, packed, logprobs_BTV), self.losses)
+        loss, metrics = objective(self.inputs(batch, packed, logprobs_BTV), self.objective)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             metrics["grad_norm"] = float(norm)
+        for group in self.optimizer.param_groups:  # VCPO scales this step only
+            group["lr"] = self.lr * metrics["lr_scale"]
         self.optimizer.step()
         self.model.eval()
         return metrics
@@ -50,6 +53,7 @@ class Trainer:
         trajs = [b.trajectory for b in batch]
         scores = [b.scores for b in batch]
         has_mc = all(t.mc_ids_TN is not None for t in trajs)
+        has_draws = all(s.draw_ids_TN is not None for s in scores)
         return LossInputs(
             student_logprobs_BTV=logprobs_BTV,
             mask_BT=packed.mask_BT,
@@ -61,4 +65,6 @@ class Trainer:
             mc_ids_BTN=stack([t.mc_ids_TN for t in trajs]).long() if has_mc else None,
             mc_behaviour_logprobs_BTN=stack([t.mc_logprobs_TN for t in trajs]) if has_mc else None,
             mc_teacher_logprobs_BTN=stack([s.mc_logprobs_TN for s in scores]) if has_mc else None,
+            teacher_draw_ids_BTN=stack([s.draw_ids_TN for s in scores]).long() if has_draws else None,
+            teacher_draw_logprobs_BTN=stack([s.draw_logprobs_TN for s in scores]) if has_draws else None,
         )

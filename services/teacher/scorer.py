@@ -19,7 +19,7 @@ from shared.wire import TeacherScores, Trajectory
 @torch.no_grad()
 def score(
     model: torch.nn.Module, trajectories: list[Trajectory], *, top_k: int, pad_id: int,
-    name: str = "", replica: str = "",
+    draws: int = 0, generator: torch.Generator | None = None, name: str = "", replica: str = "",
 ) -> list[TeacherScores]:
     """Score a batch of trajectories; returns one TeacherScores per trajectory, in order."""
     device = next(model.parameters()).device
@@ -30,6 +30,12 @@ def score(
     topk_lp_BTK, topk_ids_BTK = logprobs_BTV.topk(k, dim=-1)
     tail_BT = (1.0 - topk_lp_BTK.exp().sum(-1)).clamp(0.0, 1.0)
     sampled_BT = logprobs_BTV.gather(-1, batch.completion_ids_BT.unsqueeze(-1))[..., 0]
+    draw_ids_BTN = draw_lp_BTN = None
+    if draws > 0:  # y_j ~ p per position, for the teacher-sampled forward KL
+        b, t, v = logprobs_BTV.shape
+        draw_ids_BTN = torch.multinomial(logprobs_BTV.exp().view(b * t, v), draws, replacement=True,
+                                         generator=generator).view(b, t, draws)
+        draw_lp_BTN = logprobs_BTV.gather(-1, draw_ids_BTN)
     now = time.time()
     out = []
     for i, traj in enumerate(trajectories):
@@ -44,5 +50,7 @@ def score(
             tail_mass_T=tail_BT[i, :n].cpu().numpy(),
             sampled_logprobs_T=sampled_BT[i, :n].cpu().numpy(),
             mc_logprobs_TN=mc, teacher=name, replica=replica, scored_at=now,
+            draw_ids_TN=None if draw_ids_BTN is None else draw_ids_BTN[i, :n].cpu().numpy().astype(np.int32),
+            draw_logprobs_TN=None if draw_lp_BTN is None else draw_lp_BTN[i, :n].cpu().numpy(),
         ))
     return out

@@ -19,6 +19,10 @@ class TeacherSettings(ServiceSettings):
     """Port of the /healthz and /metrics server (0: pick a free one)."""
     top_k: int = 64
     """Teacher top-k cached per position (capped at the vocabulary size)."""
+    draws: int = 0
+    """Tokens drawn from the teacher per position (for fkl_teacher_sampled); 0: none."""
+    seed: int = 0
+    """Seed for the teacher draws."""
     batch_size: int = 64
     """Trajectories scored in one forward pass."""
     max_backlog: int = 256

@@ -22,6 +22,8 @@ log = logging.getLogger("opd.teacher")
 
 class TeacherWorker:
     def __init__(self, ctx: Context, settings: TeacherSettings) -> None:
+        import torch
+
         from shared.models import load_model, load_tokenizer, resolve_model
 
         self.ctx, self.s = ctx, settings
@@ -29,6 +31,7 @@ class TeacherWorker:
         self.model = load_model(path, device=resolve_device(settings.device))
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
         self.pad_id = int(load_tokenizer(path).pad_token_id)
+        self.generator = torch.Generator(device=self.model.device).manual_seed(settings.seed)
         self.consumer = StreamConsumer(ctx.client, ctx.keys.trajectories, "teacher",
                                        settings.replica,
                                        reclaim_idle_ms=int(settings.reclaim_idle_s * 1000))
@@ -63,7 +66,8 @@ class TeacherWorker:
         self.ctx.heartbeat.beat("scoring")
         started = time.perf_counter()
         scores = score(self.model, trajs, top_k=self.s.top_k, pad_id=self.pad_id,
-                       name=self.s.model, replica=self.s.replica)
+                       draws=self.s.draws, generator=self.generator, name=self.s.model,
+                       replica=self.s.replica)
         elapsed = time.perf_counter() - started
         payloads = [encode(ScoredTrajectory(t, s)) for t, s in zip(trajs, scores)]
         self.consumer.hand_off(ids, self.ctx.keys.scored, payloads)
