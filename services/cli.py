@@ -3,6 +3,7 @@
     opd demo [--flags]        run the whole pipeline locally and print a summary (services/demo.py)
     opd eval --model PATH     exact-match accuracy of a checkpoint on the built-in task
     opd pretrain --out DIR    train the built-in tokenizer, teacher and student init (shared/pretrain.py)
+    opd study staleness       estimators x staleness bounds on the built-in task (services/study.py)
     opd redis                 start an embedded Redis server in the foreground
     opd rollout|teacher|learner [--flags]   run one service (same as opd-rollout, ...)
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = ("demo", "eval", "pretrain", "redis", "rollout", "teacher", "learner")
+COMMANDS = ("demo", "eval", "pretrain", "study", "redis", "rollout", "teacher", "learner")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> None:
         from shared.pretrain import main as pretrain_main
 
         pretrain_main(rest)
+    elif command == "study":
+        from services.study import main as study_main
+
+        study_main(rest)
     elif command == "redis":
         from shared.redis_server import main as redis_main
 
