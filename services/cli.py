@@ -3,6 +3,7 @@
     opd demo [--flags]        run the whole pipeline locally and print a summary (services/demo.py)
     opd eval --model PATH     exact-match accuracy of a checkpoint on the built-in task
     opd pretrain --out DIR    train the built-in tokenizer, teacher and student init (shared/pretrain.py)
+    opd bench [what]          async vs sync throughput, codec, Redis, weight broadcast (services/bench/)
     opd study staleness       estimators x staleness bounds on the built-in task (services/study.py)
     opd redis                 start an embedded Redis server in the foreground
     opd rollout|teacher|learner [--flags]   run one service (same as opd-rollout, ...)
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = ("demo", "eval", "pretrain", "study", "redis", "rollout", "teacher", "learner")
+COMMANDS = ("demo", "eval", "pretrain", "study", "bench", "redis", "rollout", "teacher", "learner")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,6 +32,10 @@ def main(argv: list[str] | None = None) -> None:
         from shared.pretrain import main as pretrain_main
 
         pretrain_main(rest)
+    elif command == "bench":
+        from services.bench.main import main as bench_main
+
+        bench_main(rest)
     elif command == "study":
         from services.study import main as study_main
 

@@ -64,6 +64,10 @@ class ServiceMetrics:
             buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100)).labels(**labels)
         self._labels = labels
 
+    def value(self, sample: str) -> float:
+        """Current value of one of this replica's samples (0 if never set)."""
+        return self.registry.get_sample_value(sample, self._labels) or 0.0
+
     def error(self, kind: str) -> None:
         self.errors.labels(**self._labels, kind=kind).inc()
 

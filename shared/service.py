@@ -7,9 +7,11 @@ thread, and marks health failed if the loop dies (the error still propagates).
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -39,6 +41,22 @@ class Context:
         self.metrics = ServiceMetrics(name, settings.replica)
         self.heartbeat = Heartbeat(settings.health_max_age_s)
 
+    def report(self, info: dict[str, Any]) -> None:
+        """Write this replica's counters to the run's `replicas` hash (read by demo and bench)."""
+        m = self.metrics
+        status = {"service": self.name, "busy_s": m.value("opd_busy_seconds_total"),
+                  "items": m.value("opd_items_total"), "tokens": m.value("opd_tokens_total"),
+                  "state": self.heartbeat.state, "at": time.time(), **info}
+        self.client.hset(self.keys.replicas, self.settings.replica, json.dumps(status))
+
+
+def _report_loop(ctx: Context, worker: Worker, stop: threading.Event, every_s: float = 2.0) -> None:
+    while not stop.wait(every_s):
+        try:
+            ctx.report(worker.info())
+        except redis.RedisError:  # best effort: the loop itself surfaces Redis trouble
+            log.warning("could not report status to Redis")
+
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -65,11 +83,15 @@ def run_service(name: str, settings: ServiceSettings, build: Callable[[Context],
           port=settings.http_port, info=worker.info)
     log.info("%s %s started (run=%s, redis=%s)", name, settings.replica, settings.run,
              settings.redis_url.split("@")[-1])
+    threading.Thread(target=_report_loop, args=(ctx, worker, stop), name="report", daemon=True).start()
     try:
         worker.run(stop)
     except BaseException as e:
         ctx.heartbeat.fail(repr(e))
         raise
+    finally:
+        stop.set()
+    ctx.report(worker.info())
     log.info("%s %s stopped", name, settings.replica)
 
 

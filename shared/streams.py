@@ -60,6 +60,11 @@ class Keys:
         return self._k("weights")
 
     @property
+    def versions(self) -> str:
+        """Stream: one entry per published version (a wake-up signal, capped in length)."""
+        return self._k("versions")
+
+    @property
     def version(self) -> str:
         """Key: the learner's current weight version (int), read by admission control."""
         return self._k("version")
@@ -75,6 +80,11 @@ class Keys:
         return self._k("limits")
 
     @property
+    def replicas(self) -> str:
+        """Hash: replica name -> JSON status (service, busy_s, items, tokens, version, at)."""
+        return self._k("replicas")
+
+    @property
     def stats(self) -> str:
         """Hash: learner progress and run summary (step, consumed, staleness counts...)."""
         return self._k("stats")
@@ -82,7 +92,7 @@ class Keys:
     def all(self) -> list[str]:
         return [
             self.prompts, self.trajectories, self.scored, self.dead,
-            self.weights, self.version, self.admitted, self.limits, self.stats,
+            self.weights, self.versions, self.version, self.admitted, self.limits, self.replicas, self.stats,
         ]
 
 

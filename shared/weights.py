@@ -55,8 +55,17 @@ def announce(client: redis.Redis, keys: Keys, version: int, path: Path) -> Weigh
     pipe = client.pipeline(transaction=True)
     pipe.set(keys.weights, encode(ann))
     pipe.set(keys.version, version)
+    pipe.xadd(keys.versions, {"v": version}, maxlen=100, approximate=True)  # wake-ups only
     pipe.execute()
     return ann
+
+
+def wait_for_new_version(client: redis.Redis, keys: Keys, cursor: bytes | str, timeout_s: float) -> bytes | str:
+    """Block until a version is announced after `cursor` (a versions-stream id; "0-0" at
+    first) or `timeout_s` passes; returns the new cursor. Nothing announced between two
+    calls is missed, so there is no polling delay."""
+    reply = client.xread({keys.versions: cursor}, block=max(1, int(timeout_s * 1000)), count=1000)
+    return reply[0][1][-1][0] if reply else cursor
 
 
 def latest(client: redis.Redis, keys: Keys) -> WeightAnnouncement | None:

@@ -14,6 +14,7 @@ samples, `_TK` positions x teacher top-k.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,8 @@ import numpy as np
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _DTYPES = {"int32": "<i4", "int64": "<i8", "float32": "<f4", "float64": "<f8"}
+_NAME_OF = {np.dtype(code): name for name, code in _DTYPES.items()}
+_ITEMSIZE = {name: np.dtype(code).itemsize for name, code in _DTYPES.items()}
 
 
 class WireError(ValueError):
@@ -34,39 +37,41 @@ class WireError(ValueError):
 
 
 def pack_array(a: np.ndarray) -> dict[str, Any]:
-    """Array -> {"dtype", "shape", "data"} with little-endian raw bytes."""
-    name = str(a.dtype)
-    if name not in _DTYPES:
-        raise WireError(f"dtype {name} cannot travel; allowed: {sorted(_DTYPES)}")
-    data = np.ascontiguousarray(a, dtype=_DTYPES[name])
-    return {"dtype": name, "shape": list(a.shape), "data": data.tobytes()}
+    """Array -> {"dtype", "shape", "data"}; data is a zero-copy view of little-endian bytes."""
+    name = _NAME_OF.get(a.dtype) or _NAME_OF.get(a.dtype.newbyteorder("<"))
+    if name is None:
+        raise WireError(f"dtype {a.dtype} cannot travel; allowed: {sorted(_DTYPES)}")
+    data = np.ascontiguousarray(a, dtype=_DTYPES[name])  # no copy when already so
+    return {"dtype": name, "shape": list(a.shape), "data": memoryview(data).cast("B")}
 
 
 def unpack_array(obj: Any, where: str, dtype: str, ndim: int) -> np.ndarray:
-    """Validate and decode one packed array; `where` names the field for error messages."""
-    if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
+    """Validate and decode one packed array (zero-copy view); `where` names the field."""
+    if not isinstance(obj, dict) or len(obj) != 3 or obj.keys() != {"dtype", "shape", "data"}:
         raise WireError(f"{where}: expected an array map with dtype, shape, data")
     if obj["dtype"] != dtype:
         raise WireError(f"{where}: dtype {obj['dtype']!r}, expected {dtype!r}")
     shape = obj["shape"]
     if not isinstance(shape, list) or len(shape) != ndim or not all(
-        isinstance(s, int) and s >= 0 for s in shape
+        type(s) is int and s >= 0 for s in shape
     ):
         raise WireError(f"{where}: shape {shape!r} is not {ndim} non-negative ints")
     data = obj["data"]
-    want = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+    want = math.prod(shape) * _ITEMSIZE[dtype]
     if not isinstance(data, bytes) or len(data) != want:
         got = len(data) if isinstance(data, bytes) else type(data).__name__
         raise WireError(f"{where}: {got} data bytes, shape {shape} needs {want}")
-    return np.frombuffer(data, dtype=_DTYPES[dtype]).reshape(shape).astype(dtype, copy=False)
+    return np.frombuffer(data, dtype=_DTYPES[dtype]).reshape(shape)
 
 
 def _logprobs(obj: Any, where: str, ndim: int) -> np.ndarray:
     a = unpack_array(obj, where, "float32", ndim)
-    if not np.isfinite(a).all():
-        raise WireError(f"{where}: log-probs must be finite")
-    if (a > 1e-3).any():
-        raise WireError(f"{where}: log-probs must be <= 0")
+    if a.size:
+        lo, hi = a.min(), a.max()  # two reductions, no temporaries; NaN fails both tests
+        if not (lo > -np.inf and hi < np.inf):
+            raise WireError(f"{where}: log-probs must be finite")
+        if not hi <= 1e-3:
+            raise WireError(f"{where}: log-probs must be <= 0")
     return a
 
 
@@ -99,7 +104,7 @@ class Prompt:
     def to_dict(self) -> dict[str, Any]:
         return {
             "prompt_id": self.prompt_id,
-            "prompt_ids": pack_array(self.prompt_ids_P.astype(np.int32)),
+            "prompt_ids": pack_array(np.asarray(self.prompt_ids_P, np.int32)),
             "answer": self.answer,
             "weight_version": self.weight_version,
             "created_at": self.created_at,
@@ -148,9 +153,9 @@ class Trajectory:
         d = {
             "traj_id": self.traj_id,
             "prompt": self.prompt.to_dict(),
-            "completion_ids": pack_array(self.completion_ids_T.astype(np.int32)),
-            "behaviour_logprobs": pack_array(self.behaviour_logprobs_T.astype(np.float32)),
-            "token_versions": pack_array(self.token_versions_T.astype(np.int32)),
+            "completion_ids": pack_array(np.asarray(self.completion_ids_T, np.int32)),
+            "behaviour_logprobs": pack_array(np.asarray(self.behaviour_logprobs_T, np.float32)),
+            "token_versions": pack_array(np.asarray(self.token_versions_T, np.int32)),
             "mc_ids": None,
             "mc_logprobs": None,
             "finish_reason": self.finish_reason,
@@ -159,8 +164,8 @@ class Trajectory:
             "finished_at": self.finished_at,
         }
         if self.mc_ids_TN is not None and self.mc_logprobs_TN is not None:
-            d["mc_ids"] = pack_array(self.mc_ids_TN.astype(np.int32))
-            d["mc_logprobs"] = pack_array(self.mc_logprobs_TN.astype(np.float32))
+            d["mc_ids"] = pack_array(np.asarray(self.mc_ids_TN, np.int32))
+            d["mc_logprobs"] = pack_array(np.asarray(self.mc_logprobs_TN, np.float32))
         return d
 
     @classmethod
@@ -224,17 +229,17 @@ class TeacherScores:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "topk_ids": pack_array(self.topk_ids_TK.astype(np.int32)),
-            "topk_logprobs": pack_array(self.topk_logprobs_TK.astype(np.float32)),
-            "tail_mass": pack_array(self.tail_mass_T.astype(np.float32)),
-            "sampled_logprobs": pack_array(self.sampled_logprobs_T.astype(np.float32)),
+            "topk_ids": pack_array(np.asarray(self.topk_ids_TK, np.int32)),
+            "topk_logprobs": pack_array(np.asarray(self.topk_logprobs_TK, np.float32)),
+            "tail_mass": pack_array(np.asarray(self.tail_mass_T, np.float32)),
+            "sampled_logprobs": pack_array(np.asarray(self.sampled_logprobs_T, np.float32)),
             "mc_logprobs": None
             if self.mc_logprobs_TN is None
-            else pack_array(self.mc_logprobs_TN.astype(np.float32)),
-            "draw_ids": None if self.draw_ids_TN is None else pack_array(self.draw_ids_TN.astype(np.int32)),
+            else pack_array(np.asarray(self.mc_logprobs_TN, np.float32)),
+            "draw_ids": None if self.draw_ids_TN is None else pack_array(np.asarray(self.draw_ids_TN, np.int32)),
             "draw_logprobs": None
             if self.draw_logprobs_TN is None
-            else pack_array(self.draw_logprobs_TN.astype(np.float32)),
+            else pack_array(np.asarray(self.draw_logprobs_TN, np.float32)),
             "teacher": self.teacher,
             "replica": self.replica,
             "scored_at": self.scored_at,

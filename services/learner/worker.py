@@ -72,7 +72,7 @@ class LearnerWorker:
         self.consumer: StreamConsumer | None = None
 
     def info(self) -> dict[str, Any]:
-        return {"service": "learner", "weight_version": self.version, "step": self.version}
+        return {"weight_version": self.version, "step": self.version}
 
     def check(self, msg: ScoredTrajectory) -> None:
         ids = msg.scores.topk_ids_TK
@@ -180,8 +180,14 @@ class LearnerWorker:
     def _write_stats(self, metrics: dict[str, float], sample_accuracy: float, status: str = "running") -> None:
         elapsed = time.time() - self.started_at
         summary = self.tracker.summary()
+        if self.version == 1:  # throughput is measured from here, past start-up
+            self.stats.update(first_step_at=time.time(), first_step_tokens=self.stats["trained_tokens"],
+                              first_step_trajectories=summary["trained"])
         self.ctx.client.hset(self.ctx.keys.stats, mapping={
-            "status": status, "step": self.version, "elapsed_s": round(elapsed, 3),
+            "status": status, "step": self.version, "elapsed_s": round(elapsed, 3), "updated_at": time.time(),
+            "first_step_at": self.stats.get("first_step_at", 0.0),
+            "first_step_tokens": self.stats.get("first_step_tokens", 0),
+            "first_step_trajectories": self.stats.get("first_step_trajectories", 0),
             "trained_trajectories": summary["trained"], "trained_tokens": self.stats["trained_tokens"],
             "dead_letters": self.stats["dead_letters"], "sample_correct": self.stats["correct"],
             "sample_accuracy": round(sample_accuracy, 4),

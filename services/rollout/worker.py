@@ -16,12 +16,14 @@ import uuid
 import zlib
 from typing import Any
 
+from prometheus_client import Histogram
+
 from services.rollout.settings import RolloutSettings
 from shared.admission import Admission
 from shared.service import Context, decode_batch
 from shared.settings import resolve_device
 from shared.streams import Entry, StreamConsumer, backlog, wait_for_room
-from shared.weights import latest, load_version
+from shared.weights import latest, load_version, wait_for_new_version
 from shared.wire import Prompt, Trajectory, encode
 
 log = logging.getLogger("opd.rollout")
@@ -40,14 +42,22 @@ class RolloutWorker:
         tok = load_tokenizer(path)
         self.eos_id, self.pad_id = int(tok.eos_token_id), int(tok.pad_token_id)
         self.version = -1
+        self.cursor: bytes | str = "0-0"  # position in the versions stream (wake-ups)
         self.consumer = StreamConsumer(ctx.client, ctx.keys.prompts, "rollout", settings.replica,
                                        reclaim_idle_ms=int(settings.reclaim_idle_s * 1000))
         self.admission = Admission(ctx.client, ctx.keys)
         seed = settings.seed + zlib.crc32(settings.replica.encode())
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.weight_lag = Histogram(
+            "opd_weight_lag_seconds", "Announcement of a version to generating with it",
+            ["service", "replica"], registry=ctx.metrics.registry,
+            buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30)).labels("rollout", settings.replica)
+        self.lag_n, self.lag_sum, self.lag_max = 0, 0.0, 0.0  # broadcasts after the first load
 
     def info(self) -> dict[str, Any]:
-        return {"service": "rollout", "replica": self.s.replica, "weight_version": self.version}
+        return {"weight_version": self.version, "weight_loads": self.lag_n,
+                "weight_lag_mean_s": self.lag_sum / self.lag_n if self.lag_n else None,
+                "weight_lag_max_s": self.lag_max if self.lag_n else None}
 
     def run(self, stop: threading.Event) -> None:
         while self.version < 0 and not stop.is_set():  # never sample before the learner's v0
@@ -59,8 +69,6 @@ class RolloutWorker:
             entries = self._next_batch(stop)
             if entries:
                 self._process(entries)
-            else:
-                stop.wait(0.05)
 
     def _next_batch(self, stop: threading.Event) -> list[Entry]:
         """Reclaimed prompts first; else newly admitted ones (admission released if unused)."""
@@ -74,8 +82,9 @@ class RolloutWorker:
         if not room:
             return []
         granted, _ = self.admission.request(self.s.batch_size)
-        if granted == 0:
+        if granted == 0:  # at the staleness bound: sleep until the learner publishes
             self.ctx.heartbeat.beat("staleness-bound")
+            self.cursor = wait_for_new_version(self.ctx.client, self.ctx.keys, self.cursor, timeout_s=0.5)
             return []
         entries = self.consumer.read_new(granted, block_ms=500)
         self.admission.release(granted - len(entries))
@@ -121,6 +130,10 @@ class RolloutWorker:
             for p, s in zip(prompts, samples)
         ]
 
+    def _record_lag(self, lag: float) -> None:
+        self.weight_lag.observe(lag)
+        self.lag_n, self.lag_sum, self.lag_max = self.lag_n + 1, self.lag_sum + lag, max(self.lag_max, lag)
+
     def refresh_weights(self) -> None:
         """Load the newest announced version if newer than ours (retry if it was pruned)."""
         for _ in range(10):
@@ -132,6 +145,8 @@ class RolloutWorker:
             except FileNotFoundError:
                 time.sleep(0.05)  # pruned while we looked: a newer pointer exists
                 continue
+            if self.version >= 0:  # a broadcast, not this replica's start-up load
+                self._record_lag(time.time() - ann.published_at)
             self.version = ann.weight_version
             self.ctx.metrics.weight_version.set(self.version)
             log.info("loaded weight version %d", self.version)

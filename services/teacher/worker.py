@@ -37,7 +37,7 @@ class TeacherWorker:
                                        reclaim_idle_ms=int(settings.reclaim_idle_s * 1000))
 
     def info(self) -> dict[str, Any]:
-        return {"service": "teacher", "replica": self.s.replica, "model": self.s.model}
+        return {"model": self.s.model}
 
     def check(self, traj: Trajectory) -> None:
         ids = [traj.prompt.prompt_ids_P, traj.completion_ids_T]

@@ -1,0 +1,131 @@
+"""`opd bench [all|pipeline|codec|broadcast] [--flags]`: print tables, write JSON.
+
+Starts an embedded Redis unless REDIS_URL is set. On a CUDA machine pass `--device cuda`
+and larger checkpoints (`--student/--teacher` paths) to measure at scale.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+
+
+class BenchSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OPD_BENCH_", use_attribute_docstrings=True,
+                                      cli_kebab_case=True, cli_implicit_flags=True, cli_prog_name="opd bench")
+
+    steps: int = 30
+    """Learner steps per pipeline run (throughput counts steps 2..N)."""
+    batch_size: int = 64
+    """Trajectories per learner step (split across rollout replicas)."""
+    rollouts: int = 1
+    """Rollout replicas."""
+    max_staleness: int = 4
+    """Staleness bound of the asynchronous run."""
+    max_new_tokens: int = 8
+    """Completion length cap."""
+    student: str = "builtin:student"
+    """Student checkpoint."""
+    teacher: str = "builtin:teacher"
+    """Teacher checkpoint."""
+    losses: dict[str, float] = Field(default_factory=lambda: {"fkl_topk": 1.0, "rkl_recompute": 1.0})
+    """Learner estimators."""
+    device: str = "auto"
+    """Device for the services."""
+    torch_threads: int = 1
+    """Torch threads per service process."""
+    timeout_s: float = 900
+    """Give up on a pipeline run after this long."""
+    codec_batch: int = 64
+    """Codec benchmark: scored trajectories per batch."""
+    codec_tokens: int = 512
+    """Codec benchmark: completion positions per trajectory."""
+    codec_top_k: int = 64
+    """Codec benchmark: teacher top-k."""
+    json_out: str = "benchmarks/results.json"
+    """Where the JSON results go."""
+
+
+def table(title: str, rows: list[tuple[str, Any]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    body = "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+    return f"\n== {title} ==\n{body}"
+
+
+def pipeline(url: str, s: BenchSettings) -> dict[str, Any]:
+    from services.bench.pipeline import compare, run_mode
+
+    with tempfile.TemporaryDirectory(prefix="opd-bench-") as tmp:
+        sync = run_mode(url, 0, s, Path(tmp))
+        async_ = run_mode(url, s.max_staleness, s, Path(tmp))
+    c = compare(sync, async_)
+    rows = [("", f"{'sync':>12} {'async (s=' + str(s.max_staleness) + ')':>14}")]
+    for key, fmt in [("trajectories_per_s", "{:12.1f}"), ("tokens_per_s", "{:12.1f}"), ("step_s", "{:12.3f}")]:
+        rows.append((key, fmt.format(sync[key]) + " " + fmt.format(async_[key]).rjust(14)))
+    for stage in ("rollout", "teacher", "learner"):
+        rows.append((f"busy/step {stage} (s)", f"{sync['busy_per_step_s'][stage]:12.3f} "
+                     f"{async_['busy_per_step_s'][stage]:14.3f}"))
+    rows += [("async / sync speed-up", f"{c['speedup']:.2f}x"),
+             ("ideal bound (R+T+L)/max", f"{c['ideal_bound']:.2f}x"),
+             ("achieved / bound", f"{c['fraction_of_bound']:.0%}"),
+             ("sync overhead share", f"{c['sync_overhead_share']:.1%} of step "
+              f"({c['sync_step_s'] - c['sync_stage_sum_s']:.3f}s / {c['sync_step_s']:.3f}s)"),
+             ("weight broadcast (async)", f"mean {async_['weight_lag_mean_s']:.3f}s, max {async_['weight_lag_max_s']:.3f}s")]
+    print(table("pipeline: async vs synchronous", rows), flush=True)
+    return {"sync": sync, "async": async_, "comparison": c}
+
+
+def codec(url: str, s: BenchSettings) -> dict[str, Any]:
+    from services.bench.codec import run
+
+    r = run(url, s.codec_batch, s.codec_tokens, s.codec_top_k)
+    c, q = r["codec"], r["redis"]
+    print(table(f"codec + Redis: {c['messages']} scored trajectories, T={s.codec_tokens}, k={s.codec_top_k}, "
+                f"{c['bytes'] / 1e6:.1f} MB", [
+        ("encode", f"{c['encode_gbps']:.2f} GB/s"), ("decode (validated)", f"{c['decode_gbps']:.2f} GB/s"),
+        ("encode + decode", f"{c['roundtrip_gbps']:.2f} GB/s"),
+        ("redis stream produce+consume+ack", f"{q['msgs_per_s']:.0f} msg/s, {q['mb_per_s']:.0f} MB/s")]), flush=True)
+    return r
+
+
+def broadcast(s: BenchSettings) -> dict[str, Any]:
+    from services.bench.broadcast import run
+
+    r = run(s.student)
+    print(table(f"raw safetensors save+load of the student ({r['parameters'] / 1e6:.2f}M params)", [
+        ("save", f"{r['save_s'] * 1000:.1f} ms"), ("load", f"{r['load_s'] * 1000:.1f} ms"),
+        ("save + load", f"{r['save_load_s'] * 1000:.1f} ms")]), flush=True)
+    return r
+
+
+def main(argv: list[str]) -> None:
+    what = argv[0] if argv and not argv[0].startswith("-") else "all"
+    if what not in ("all", "pipeline", "codec", "broadcast"):
+        raise SystemExit("usage: opd bench [all|pipeline|codec|broadcast] [--flags]")
+    s = CliApp.run(BenchSettings, cli_args=argv[1:] if argv and argv[0] == what else argv)
+    from shared.redis_server import EmbeddedRedis
+
+    embedded = None if os.environ.get("REDIS_URL") else EmbeddedRedis().start()
+    url = os.environ.get("REDIS_URL") or embedded.url
+    results: dict[str, Any] = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+                               "settings": s.model_dump()}
+    try:
+        if what in ("all", "codec"):
+            results["codec"] = codec(url, s)
+        if what in ("all", "broadcast"):
+            results["broadcast"] = broadcast(s)
+        if what in ("all", "pipeline"):
+            results["pipeline"] = pipeline(url, s)
+    finally:
+        if embedded is not None:
+            embedded.close()
+    Path(s.json_out).parent.mkdir(parents=True, exist_ok=True)
+    Path(s.json_out).write_text(json.dumps(results, indent=2))
+    print(f"\nJSON written to {s.json_out}")
