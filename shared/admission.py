@@ -49,11 +49,14 @@ class Admission:
             self.client.decrby(self.keys.admitted, n)
 
 
-def set_limits(client: redis.Redis, keys: Keys, batch_size: int, max_staleness: int) -> None:
-    """Learner start: the bounds every replica admits against; nothing admitted yet."""
+def set_limits(client: redis.Redis, keys: Keys, batch_size: int, max_staleness: int,
+               reset: bool = True) -> None:
+    """Learner start: the bounds every replica admits against; a new run (reset) has
+    admitted nothing yet, a resumed one keeps its count."""
     if batch_size < 1 or max_staleness < 0:
         raise ValueError("batch_size must be >= 1 and max_staleness >= 0")
     pipe = client.pipeline(transaction=True)
     pipe.hset(keys.limits, mapping={"batch_size": batch_size, "max_staleness": max_staleness})
-    pipe.set(keys.admitted, 0)
+    if reset:
+        pipe.set(keys.admitted, 0)
     pipe.execute()

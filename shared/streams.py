@@ -4,7 +4,7 @@ Each stage reads its input stream through a consumer group and hands results dow
 with `hand_off`, which writes the downstream entries and then acks+deletes the inputs in one
 server-side Lua script: an input is never acked unless its outputs were written, and a
 crash leaves it pending for `XAUTOCLAIM` by a live replica. Consumed entries are deleted, so a
-stream's length is exactly its backlog (undelivered + pending); producers wait while the
+stream holds only undelivered and pending entries; producers wait while the undelivered
 backlog is at its bound (`wait_for_room`) instead of trimming unconsumed data.
 
 All stream and key names live in `Keys`; every entry holds one msgpack message under field
@@ -13,6 +13,7 @@ All stream and key names live in `Keys`; every entry holds one msgpack message u
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 FIELD = b"m"
+log = logging.getLogger("opd.streams")
 
 
 @dataclass(frozen=True)
@@ -98,20 +100,29 @@ class Keys:
 
 GROUPS = {"prompts": "rollout", "trajectories": "teacher", "scored": "learner"}
 
-# KEYS: downstream stream, source stream. ARGV: group, E entries, F values per entry,
-# E*F field/value items, then the source ids to ack+delete. Writes first: an error aborts
-# the script before any ack (MULTI/EXEC would run the ack after a failed XADD, e.g. on OOM).
+# KEYS: downstream stream, source stream. ARGV: group, consumer, E entries, F values per
+# entry, E*F field/value items, then the source ids (E of them, paired with the entries, or
+# any number when E = 0). An id is handled only while it is still pending for this
+# consumer: if another replica reclaimed it (we were presumed dead), our late result is
+# dropped instead of duplicated (fencing). Writes come before acks, and an error aborts the
+# script before any ack (unlike MULTI/EXEC, which would ack after a failed XADD, e.g. OOM).
 _MOVE = """
-local e, f = tonumber(ARGV[2]), tonumber(ARGV[3])
-for i = 0, e - 1 do
-  redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4 + i * f, 3 + (i + 1) * f))
+local e, f = tonumber(ARGV[3]), tonumber(ARGV[4])
+local first = 5 + e * f
+local owned = {}
+for j = first, #ARGV do
+  local p = redis.call('XPENDING', KEYS[2], ARGV[1], ARGV[j], ARGV[j], 1, ARGV[2])
+  if #p > 0 then owned[#owned + 1] = ARGV[j] end
+  if #p > 0 and e > 0 then
+    local i = j - first
+    redis.call('XADD', KEYS[1], '*', unpack(ARGV, 5 + i * f, 4 + (i + 1) * f))
+  end
 end
-local first = 4 + e * f
-if first <= #ARGV then
-  redis.call('XACK', KEYS[2], ARGV[1], unpack(ARGV, first))
-  redis.call('XDEL', KEYS[2], unpack(ARGV, first))
+if #owned > 0 then
+  redis.call('XACK', KEYS[2], ARGV[1], unpack(owned))
+  redis.call('XDEL', KEYS[2], unpack(owned))
 end
-return e
+return #owned
 """
 
 
@@ -162,6 +173,8 @@ class StreamConsumer:
         self.client, self.stream, self.group, self.consumer = client, stream, group, consumer
         self.reclaim_idle_ms = reclaim_idle_ms
         self.held: set[bytes] = set()  # delivered to us, not yet acked: never reclaim our own
+        self._cursor: bytes | str = "0-0"  # XAUTOCLAIM scan position
+        self._min_idle_ms: int | None = None  # set by take_over_pending
         self._move_script = client.register_script(_MOVE)
         ensure_group(client, stream, group)
 
@@ -171,6 +184,11 @@ class StreamConsumer:
         if len(entries) < count:
             entries += self.read_new(count - len(entries), None if entries else block_ms)
         return entries
+
+    def take_over_pending(self) -> None:
+        """Let the next reads claim every pending entry whatever its idle time: a restarted
+        sole consumer (the learner) taking over its predecessor's unfinished work."""
+        self._min_idle_ms = 0
 
     def read_new(self, count: int, block_ms: int | None = 1000) -> list[Entry]:
         """Up to `count` never-delivered entries, blocking up to `block_ms` for the first."""
@@ -195,38 +213,50 @@ class StreamConsumer:
             return command(*args, **kwargs)
 
     def reclaim(self, count: int) -> list[Entry]:
-        """XAUTOCLAIM entries left pending by a dead (or stuck) consumer."""
-        _, claimed, deleted = self._grouped(
+        """XAUTOCLAIM entries left pending by a dead (or stuck) consumer, scanning the
+        pending list with a cursor so entries we hold ourselves never crowd others out."""
+        idle = self.reclaim_idle_ms if self._min_idle_ms is None else self._min_idle_ms
+        cursor, claimed, deleted = self._grouped(
             self.client.xautoclaim,
-            self.stream, self.group, self.consumer, self.reclaim_idle_ms, "0-0", count=count,
+            self.stream, self.group, self.consumer, idle, self._cursor, count=count,
         )
+        self._cursor = cursor
         if deleted:  # pending ids whose entries are gone: nothing to process, clear them
             self.client.xack(self.stream, self.group, *deleted)
+        if cursor in (b"0-0", "0-0"):
+            self._min_idle_ms = None  # a full pass is done: back to normal reclaiming
         return self._hold([e for e in _entries(claimed) if e.id not in self.held])
 
-    def ack(self, ids: Sequence[bytes]) -> None:
-        """Ack and delete consumed entries (so stream length == backlog)."""
-        self._move(None, [], ids)
+    def ack(self, ids: Sequence[bytes]) -> int:
+        """Ack and delete consumed entries we still own; returns how many."""
+        return self._move(None, [], ids)
 
-    def hand_off(self, ids: Sequence[bytes], stream: str, payloads: Sequence[bytes]) -> None:
-        """Write `payloads` to `stream`, then ack+delete `ids`, in one server-side script:
-        if any write fails the script stops before the ack, so inputs are never lost."""
-        self._move(stream, [[FIELD, p] for p in payloads], ids)
+    def hand_off(self, ids: Sequence[bytes], stream: str, payloads: Sequence[bytes]) -> int:
+        """Write payloads[i] to `stream` and ack+delete ids[i], in one server-side script: if
+        a write fails the script stops before the ack, so inputs are never lost."""
+        return self._move(stream, [[FIELD, p] for p in payloads], ids)
 
     def dead_letter(self, dead_stream: str, entry: Entry, reason: str) -> None:
-        """Move an invalid entry to the dead-letter stream with its reason, and ack it."""
+        """Move an entry to the dead-letter stream with its reason, and ack it."""
         fields = [FIELD, entry.payload, b"reason", reason[:2000].encode(),
                   b"source", self.stream.encode(), b"id", entry.id]
         self._move(dead_stream, [fields], [entry.id])
 
-    def _move(self, stream: str | None, entries: Sequence[list[bytes]], ids: Sequence[bytes]) -> None:
-        if not entries and not ids:
-            return
+    def _move(self, stream: str | None, entries: Sequence[list[bytes]], ids: Sequence[bytes]) -> int:
+        """Write entries (paired with ids) and ack+delete ids we still own; returns how many."""
+        if entries and len(entries) != len(ids):
+            raise ValueError("hand-off needs exactly one output per input id")
+        if not ids:
+            return 0
         width = len(entries[0]) if entries else 0
         flat = [x for fields in entries for x in fields]
-        self._move_script(keys=[stream or self.stream, self.stream],
-                          args=[self.group, len(entries), width, *flat, *ids])
+        owned = self._move_script(keys=[stream or self.stream, self.stream],
+                                  args=[self.group, self.consumer, len(entries), width, *flat, *ids])
         self.held.difference_update(ids)
+        if owned < len(ids):
+            log.warning("%s: %d of %d entries were reclaimed by another consumer; their results "
+                        "were dropped", self.stream, len(ids) - owned, len(ids))
+        return int(owned)
 
     def pending(self) -> int:
         """Entries delivered to this group and not yet acked."""
@@ -252,8 +282,16 @@ def _entries(raw: list) -> list[Entry]:
 
 
 def backlog(client: redis.Redis, stream: str) -> int:
-    """Entries not yet consumed (consumed ones are deleted on ack)."""
-    return int(client.xlen(stream))
+    """Entries not yet delivered to the stream's (single) consumer group: the queue waiting
+    for a consumer. Acked entries are deleted, so length = undelivered + pending."""
+    pipe = client.pipeline(transaction=False)
+    pipe.xlen(stream)
+    pipe.xinfo_groups(stream)
+    try:
+        length, groups = pipe.execute()
+    except redis.ResponseError:  # no such stream yet
+        return 0
+    return int(length) - sum(int(g["pending"]) for g in groups)
 
 
 def wait_for_room(

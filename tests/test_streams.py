@@ -132,3 +132,27 @@ def test_sync_admission_is_one_batch_per_version(client, keys):
     client.set(keys.admitted, 12)  # versions 0..2 consumed
     assert adm.request(8) == (4, 3)
     assert adm.request(8) == (0, 3)
+
+
+def test_late_hand_off_of_a_reclaimed_entry_is_fenced(client, keys):
+    """A slow consumer whose entry was reclaimed must not write a duplicate downstream."""
+    produce(client, keys.trajectories, [b"t"])
+    slow = StreamConsumer(client, keys.trajectories, "teacher", "slow", reclaim_idle_ms=100)
+    (entry,) = slow.read(1, block_ms=100)
+    time.sleep(0.2)
+    fast = StreamConsumer(client, keys.trajectories, "teacher", "fast", reclaim_idle_ms=100)
+    (again,) = fast.read(1, block_ms=100)
+    assert again.id == entry.id
+    assert fast.hand_off([again.id], keys.scored, [b"scored-by-fast"]) == 1
+    assert slow.hand_off([entry.id], keys.scored, [b"scored-by-slow"]) == 0
+    assert [f[b"m"] for _, f in client.xrange(keys.scored)] == [b"scored-by-fast"]
+    assert client.xpending(keys.trajectories, "teacher")["pending"] == 0
+
+
+def test_backlog_counts_only_undelivered_entries(client, keys):
+    produce(client, keys.scored, [b"a", b"b", b"c"])
+    c = StreamConsumer(client, keys.scored, "learner", "l0")
+    assert backlog(client, keys.scored) == 3
+    c.read(2, block_ms=100)  # being worked on: pending, not backlog
+    assert backlog(client, keys.scored) == 1
+    assert backlog(client, "opd:nope:scored") == 0

@@ -72,7 +72,13 @@ class LearnerSettings(ServiceSettings):
     output_dir: str = "runs/default/student"
     """Where the final student (HF checkpoint + tokenizer) is saved when the run ends."""
     fresh: bool = True
-    """Start a new run: delete this run's streams and keys in Redis first."""
+    """When starting without a checkpoint (a new run), delete this run's streams and keys first."""
+    resume: bool = True
+    """Resume from the newest checkpoint in checkpoint_dir if there is one."""
+    checkpoint_dir: str = ""
+    """Learner checkpoints (weights, optimizer, consumed ids); default runs/<run>/checkpoints."""
+    checkpoint_every: int = 10
+    """Steps between checkpoints; trained trajectories are acked only once checkpointed."""
     seed: int = 0
     """Seed for prompt order and torch."""
 

@@ -17,14 +17,15 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.learner import checkpoint
 from services.learner.settings import LearnerSettings
 from services.learner.staleness import StalenessTracker
 from shared.admission import Admission, set_limits
 from shared.service import Context, decode_batch
 from shared.settings import resolve_device
-from shared.streams import StreamConsumer, backlog
+from shared.streams import Entry, StreamConsumer, backlog
 from shared.weights import announce, prune_versions, save_version
-from shared.wire import ScoredTrajectory, WireError
+from shared.wire import ScoredTrajectory, WireError, encode
 
 log = logging.getLogger("opd.learner")
 
@@ -68,8 +69,11 @@ class LearnerWorker:
         self.tracker = StalenessTracker(settings.max_staleness)
         self.lm = LearnerMetrics(ctx)
         self.admission = Admission(ctx.client, ctx.keys)
-        self.stats: dict[str, Any] = {"trained_tokens": 0, "dead_letters": 0, "correct": 0}
+        self.stats: dict[str, Any] = {"trained_tokens": 0, "dead_letters": 0, "correct": 0, "duplicates": 0}
         self.consumer: StreamConsumer | None = None
+        self.consumed: set[str] = set()  # trajectory ids trained on (exactly-once)
+        self.unacked: list[bytes] = []  # trained entries not yet covered by a checkpoint
+        self.checkpoint_dir = settings.checkpoint_dir or f"runs/{settings.run}/checkpoints"
 
     def info(self) -> dict[str, Any]:
         return {"weight_version": self.version, "step": self.version}
@@ -103,11 +107,14 @@ class LearnerWorker:
         from services.learner.feeder import PromptFeeder, builtin_problems, file_problems
 
         ctx, keys = self.ctx, self.ctx.keys
-        if self.s.fresh:
+        ckpt = checkpoint.latest(self.checkpoint_dir) if self.s.resume else None
+        if ckpt is None and self.s.fresh:
             ctx.client.delete(*keys.all())
+        set_limits(ctx.client, keys, self.s.batch_size, self.s.max_staleness, reset=ckpt is None)
         self.consumer = StreamConsumer(ctx.client, keys.scored, "learner", self.s.replica,
                                        reclaim_idle_ms=int(self.s.reclaim_idle_s * 1000))
-        set_limits(ctx.client, keys, self.s.batch_size, self.s.max_staleness)
+        if ckpt is not None:
+            self._restore(ckpt)
         self._publish()
         problems = file_problems(self.s.prompts_file) if self.s.prompts_file else builtin_problems(self.s.seed)
         return PromptFeeder(ctx.client, keys.prompts, self.tokenizer, problems,
@@ -120,17 +127,24 @@ class LearnerWorker:
         msgs, msg_ids, dead = decode_batch(self.ctx, self.consumer, entries, ScoredTrajectory, self.check)
         self.stats["dead_letters"] += dead
         self.admission.release(dead)
-        drop = []
+        in_batch = {m.trajectory.traj_id for m in batch}
         for msg, entry_id in zip(msgs, msg_ids):
-            if self.tracker.admit(self.version, msg.weight_version):
+            traj_id = msg.trajectory.traj_id
+            if traj_id in self.consumed or traj_id in in_batch:  # delivered twice: train once
+                self.stats["duplicates"] += 1
+                self.lm.dropped.labels(**self.lm.lab, reason="duplicate").inc()
+                self.consumer.ack([entry_id])
+            elif self.tracker.admit(self.version, msg.weight_version):
                 batch.append(msg)
                 ids.append(entry_id)
-            else:
-                drop.append(entry_id)
+                in_batch.add(traj_id)
+            else:  # recorded in the dead-letter stream, so every trajectory is accounted for
                 reason = "foreign" if msg.weight_version > self.version else "stale"
                 self.lm.dropped.labels(**self.lm.lab, reason=reason).inc()
-        self.consumer.ack(drop)
-        self.admission.release(len(drop))
+                self.consumer.dead_letter(self.ctx.keys.dead, Entry(entry_id, encode(msg)),
+                                          f"dropped: {reason}, staleness {self.version - msg.weight_version}"
+                                          f" (max {self.s.max_staleness})")
+                self.admission.release(1)
 
     def _train(self, batch: list[ScoredTrajectory], ids: list[bytes]) -> None:
         self.ctx.heartbeat.beat("training")
@@ -138,10 +152,12 @@ class LearnerWorker:
         metrics = self.trainer.step(batch)
         for msg in batch:
             self.lm.staleness.observe(self.tracker.record(self.version, msg.weight_version))
+        self.consumed.update(m.trajectory.traj_id for m in batch)
+        self.unacked.extend(ids)
         self.version += 1
         self._publish()
-        assert self.consumer is not None
-        self.consumer.ack(ids)
+        if self.version % self.s.checkpoint_every == 0:
+            self._checkpoint()
         elapsed = time.perf_counter() - started
         self._account(batch, metrics, elapsed)
 
@@ -189,15 +205,39 @@ class LearnerWorker:
             "first_step_tokens": self.stats.get("first_step_tokens", 0),
             "first_step_trajectories": self.stats.get("first_step_trajectories", 0),
             "trained_trajectories": summary["trained"], "trained_tokens": self.stats["trained_tokens"],
-            "dead_letters": self.stats["dead_letters"], "sample_correct": self.stats["correct"],
+            "dead_letters": self.stats["dead_letters"], "duplicates": self.stats["duplicates"],
+            "sample_correct": self.stats["correct"],
             "sample_accuracy": round(sample_accuracy, 4),
             "staleness": json.dumps(summary), "metrics": json.dumps(metrics),
             "max_staleness": self.s.max_staleness, "batch_size": self.s.batch_size,
         })
 
+    def _checkpoint(self) -> None:
+        """Save everything needed to resume exactly, then ack what it covers."""
+        state = {"consumed": sorted(self.consumed), "stats": self.stats,
+                 "tracker": {"trained": dict(self.tracker.trained), "dropped_stale": self.tracker.dropped_stale,
+                             "dropped_foreign": self.tracker.dropped_foreign}}
+        checkpoint.save(self.checkpoint_dir, self.version, self.model, self.trainer.optimizer, state)
+        assert self.consumer is not None
+        self.consumer.ack(self.unacked)
+        self.unacked = []
+
+    def _restore(self, path) -> None:
+        """Resume from a checkpoint; take over the previous learner's pending entries at once."""
+        state = checkpoint.load(path, self.model, self.trainer.optimizer)
+        self.version, self.consumed, self.stats = state["version"], set(state["consumed"]), state["stats"]
+        tracker = state["tracker"]
+        self.tracker.trained.update({int(k): v for k, v in tracker["trained"].items()})
+        self.tracker.dropped_stale, self.tracker.dropped_foreign = tracker["dropped_stale"], tracker["dropped_foreign"]
+        assert self.consumer is not None
+        self.consumer.take_over_pending()
+        log.info("resumed from %s at version %d (%d trajectories consumed)", path, self.version,
+                 len(self.consumed))
+
     def _finish(self, completed: bool) -> None:
         from pathlib import Path
 
+        self._checkpoint()
         out = Path(self.s.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(out)

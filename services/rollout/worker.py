@@ -42,6 +42,7 @@ class RolloutWorker:
         tok = load_tokenizer(path)
         self.eos_id, self.pad_id = int(tok.eos_token_id), int(tok.pad_token_id)
         self.version = -1
+        self.published_at = 0.0  # of the announcement whose weights we hold
         self.cursor: bytes | str = "0-0"  # position in the versions stream (wake-ups)
         self.consumer = StreamConsumer(ctx.client, ctx.keys.prompts, "rollout", settings.replica,
                                        reclaim_idle_ms=int(settings.reclaim_idle_s * 1000))
@@ -138,7 +139,9 @@ class RolloutWorker:
         """Load the newest announced version if newer than ours (retry if it was pruned)."""
         for _ in range(10):
             ann = latest(self.ctx.client, self.ctx.keys)
-            if ann is None or ann.weight_version <= self.version:
+            # any new announcement counts, also an older version: a learner that resumed
+            # from its last checkpoint rolls the weights back
+            if ann is None or ann.published_at == self.published_at:
                 return
             try:
                 load_version(self.model, ann.path)
@@ -147,7 +150,7 @@ class RolloutWorker:
                 continue
             if self.version >= 0:  # a broadcast, not this replica's start-up load
                 self._record_lag(time.time() - ann.published_at)
-            self.version = ann.weight_version
+            self.version, self.published_at = ann.weight_version, ann.published_at
             self.ctx.metrics.weight_version.set(self.version)
             log.info("loaded weight version %d", self.version)
             return

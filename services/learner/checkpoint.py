@@ -1,0 +1,92 @@
+"""Learner checkpoints: weights, AdamW state, version and the trajectory ids consumed so far.
+
+Layout `<dir>/step-000123/`: `model.safetensors`, `optimizer.safetensors` (every tensor of
+the optimizer state, keyed `<param index>.<name>`), `state.json` (version, consumed
+trajectory ids, counters, optimizer hyper-parameters). Written to `.tmp` and renamed, so a
+crash never leaves a half checkpoint; no pickle anywhere. The learner acks scored
+trajectories only once a checkpoint covering them exists, so a restart resumes exactly:
+what the checkpoint consumed is skipped, what it did not is reclaimed and trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PREFIX = "step-"
+
+
+def save(root: str | Path, version: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         state: dict[str, Any], keep: int = 2) -> Path:
+    """Write a checkpoint atomically and prune all but the newest `keep`."""
+    from safetensors.torch import save_file, save_model
+
+    final = Path(root) / f"{PREFIX}{version:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    tensors, scalars = _flatten(optimizer.state_dict())
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state, "version": version, "optimizer": scalars}))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in _complete(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _complete(root: str | Path) -> list[Path]:
+    """Finished checkpoints, oldest first."""
+    done = [p for p in Path(root).glob(f"{PREFIX}[0-9]*") if p.name[len(PREFIX):].isdigit()]
+    return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def latest(root: str | Path) -> Path | None:
+    done = _complete(root)
+    return done[-1] if done else None
+
+
+def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model and optimizer in place; returns the saved state (version, consumed...)."""
+    from safetensors.torch import load_file
+
+    from shared.weights import load_version
+
+    path = Path(path)
+    load_version(model, path)
+    state = json.loads((path / "state.json").read_text())
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    optimizer.load_state_dict(_unflatten(tensors, state.pop("optimizer")))
+    return state
+
+
+def _flatten(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state_dict -> (tensors for safetensors, JSON-able rest)."""
+    tensors: dict[str, torch.Tensor] = {}
+    other: dict[str, dict[str, Any]] = {}
+    for idx, per_param in sd["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                other.setdefault(str(idx), {})[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "other": other}
+
+
+def _unflatten(tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, values in scalars["other"].items():
+        state.setdefault(int(idx), {}).update(values)
+    return {"state": state, "param_groups": scalars["param_groups"]}

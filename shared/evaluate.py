@@ -1,0 +1,106 @@
+"""Exact-match evaluation of a causal LM on the built-in addition task (greedy decoding).
+
+Prompts are left-padded into batches and decoded greedily with ``model.generate``; a
+completion is correct when its leading digits equal the answer exactly
+(``shared.task.is_correct``).
+
+Run::
+
+    python -m shared.evaluate --model builtin:teacher --n 500 --seed 0
+    python -m shared.evaluate --model path/to/checkpoint --n 500 --split eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import TYPE_CHECKING
+
+from shared.task import Problem, is_correct, make_problems
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def greedy_completions(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",
+                       prompts: list[str], *, max_new_tokens: int = 8) -> list[str]:
+    """Greedy completions (decoded text, special tokens dropped) for one batch of prompts."""
+    import torch
+
+    # Left padding keeps every prompt's last token at the same column, which is what
+    # batched generation needs; the tokenizer's own side is restored afterwards.
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = old_side
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in enc.items()}
+    with torch.inference_mode():
+        out = model.generate(
+            **enc,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    new_tokens = out[:, enc["input_ids"].shape[1]:]
+    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def accuracy(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",
+             problems: list[Problem], *, batch_size: int = 128,
+             max_new_tokens: int = 8) -> float:
+    """Fraction of ``problems`` whose greedy completion is exactly right."""
+    if not problems:
+        return 0.0
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        for start in range(0, len(problems), batch_size):
+            batch = problems[start:start + batch_size]
+            completions = greedy_completions(
+                model, tokenizer, [p.prompt for p in batch], max_new_tokens=max_new_tokens
+            )
+            correct += sum(is_correct(c, p) for c, p in zip(completions, batch))
+    finally:
+        model.train(was_training)
+    return correct / len(problems)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="builtin:teacher",
+                        help="builtin:student, builtin:teacher, or a checkpoint path")
+    parser.add_argument("--n", type=int, default=500, help="number of problems")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", choices=["train", "eval"], default="eval")
+    parser.add_argument("--digits", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: print the exact-match accuracy of one model."""
+    import torch
+
+    from shared.models import load_model, load_tokenizer
+
+    args = _parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model, device=args.device)
+    tokenizer = load_tokenizer(args.model)
+    problems = make_problems(args.n, seed=args.seed, split=args.split, digits=args.digits)
+    start = time.perf_counter()
+    acc = accuracy(model, tokenizer, problems, batch_size=args.batch_size)
+    elapsed = time.perf_counter() - start
+    print(f"model={args.model} split={args.split} n={args.n} seed={args.seed} "
+          f"accuracy={acc:.4f} ({elapsed:.1f}s)")
+
+
+if __name__ == "__main__":
+    main()
