@@ -87,6 +87,11 @@ class Keys:
         return self._k("replicas")
 
     @property
+    def produced(self) -> str:
+        """Hash: downstream stream -> entries ever handed off to it (audit counts)."""
+        return self._k("produced")
+
+    @property
     def stats(self) -> str:
         """Hash: learner progress and run summary (step, consumed, staleness counts...)."""
         return self._k("stats")
@@ -94,18 +99,19 @@ class Keys:
     def all(self) -> list[str]:
         return [
             self.prompts, self.trajectories, self.scored, self.dead,
-            self.weights, self.versions, self.version, self.admitted, self.limits, self.replicas, self.stats,
+            self.weights, self.versions, self.version, self.admitted, self.limits, self.replicas, self.produced, self.stats,
         ]
 
 
 GROUPS = {"prompts": "rollout", "trajectories": "teacher", "scored": "learner"}
 
-# KEYS: downstream stream, source stream. ARGV: group, consumer, E entries, F values per
+# KEYS: downstream stream, source stream, produced-counts hash. ARGV: group, consumer, E entries, F values per
 # entry, E*F field/value items, then the source ids (E of them, paired with the entries, or
 # any number when E = 0). An id is handled only while it is still pending for this
 # consumer: if another replica reclaimed it (we were presumed dead), our late result is
 # dropped instead of duplicated (fencing). Writes come before acks, and an error aborts the
 # script before any ack (unlike MULTI/EXEC, which would ack after a failed XADD, e.g. OOM).
+# The produced-counts hash counts, per downstream stream, every entry ever handed off.
 _MOVE = """
 local e, f = tonumber(ARGV[3]), tonumber(ARGV[4])
 local first = 5 + e * f
@@ -118,12 +124,20 @@ for j = first, #ARGV do
     redis.call('XADD', KEYS[1], '*', unpack(ARGV, 5 + i * f, 4 + (i + 1) * f))
   end
 end
+if e > 0 and #owned > 0 then
+  redis.call('HINCRBY', KEYS[3], KEYS[1], #owned)
+end
 if #owned > 0 then
   redis.call('XACK', KEYS[2], ARGV[1], unpack(owned))
   redis.call('XDEL', KEYS[2], unpack(owned))
 end
 return #owned
 """
+
+
+def _produced_key(stream: str) -> str:
+    """The run's `produced` hash, from any of its stream names (opd:<run>:<name>)."""
+    return stream.rsplit(":", 1)[0] + ":produced"
 
 
 def connect(url: str) -> redis.Redis:
@@ -250,7 +264,7 @@ class StreamConsumer:
             return 0
         width = len(entries[0]) if entries else 0
         flat = [x for fields in entries for x in fields]
-        owned = self._move_script(keys=[stream or self.stream, self.stream],
+        owned = self._move_script(keys=[stream or self.stream, self.stream, _produced_key(self.stream)],
                                   args=[self.group, self.consumer, len(entries), width, *flat, *ids])
         self.held.difference_update(ids)
         if owned < len(ids):

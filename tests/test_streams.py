@@ -156,3 +156,11 @@ def test_backlog_counts_only_undelivered_entries(client, keys):
     c.read(2, block_ms=100)  # being worked on: pending, not backlog
     assert backlog(client, keys.scored) == 1
     assert backlog(client, "opd:nope:scored") == 0
+
+
+def test_hand_offs_are_counted_per_downstream_stream(client, keys):
+    produce(client, keys.prompts, [b"a", b"b"])
+    c = StreamConsumer(client, keys.prompts, "rollout", "r0")
+    entries = c.read(2, block_ms=100)
+    c.hand_off([e.id for e in entries], keys.trajectories, [b"A", b"B"])
+    assert int(client.hget(keys.produced, keys.trajectories)) == 2
