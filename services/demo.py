@@ -81,7 +81,7 @@ def _flags(s: DemoSettings, run_dir: Path) -> dict[str, dict[str, object]]:
         "learner": {**common, "model": s.student, "batch_size": s.batch_size,
                     "max_staleness": 0 if s.sync else s.max_staleness, "max_steps": s.steps,
                     "losses": json.dumps(s.losses), "lr": s.lr, "seed": s.seed,
-                    "output_dir": run_dir / "student"},
+                    "output_dir": run_dir / "student", "checkpoint_dir": run_dir / "checkpoints"},
         "teacher": {**common, "model": s.teacher},
         "rollout": {**common, "model": s.student, "batch_size": s.rollout_batch_size,
                     "mc_samples": s.mc_samples, "seed": s.seed},

@@ -106,4 +106,9 @@ def serve(
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="http", daemon=True)
     thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:  # ready before the loop starts, so health is queryable at once
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"HTTP server did not start on {host}:{port}")
+        time.sleep(0.01)
     return thread

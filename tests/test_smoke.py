@@ -47,14 +47,20 @@ def test_services_train_for_a_few_steps(tmp_path: Path, redis_server, client):
     try:
         launcher.start("learner", "learner", {**common, "batch_size": 8, "max_steps": STEPS,
                        "max_staleness": 1, "output_dir": tmp_path / "student", "prompt_backlog": 64,
+                       "checkpoint_dir": tmp_path / "ckpt",
                        "http_port": ports["learner"]})
         launcher.start("teacher", "teacher", {**common, "batch_size": 8, "http_port": ports["teacher"]})
         launcher.start("rollout", "rollout", {**common, "batch_size": 4, "http_port": ports["rollout"]})
-        wait_until(lambda: int(client.get(keys.version) or 0) >= 1, 120, "the first step", launcher)
-        health = httpx.get(f"http://127.0.0.1:{ports['rollout']}/healthz", timeout=5)
+        # the learner publishes v0 right away, long before the rollout has loaded its model
+        wait_until(lambda: client.get(keys.version) is not None, 120, "version 0", launcher)
+        health = httpx.get(f"http://127.0.0.1:{ports['learner']}/healthz", timeout=5)
         assert health.status_code == 200 and health.json()["ok"] is True
         metrics = httpx.get(f"http://127.0.0.1:{ports['learner']}/metrics", timeout=5).text
         assert "opd_weight_version" in metrics and "opd_staleness_bucket" in metrics
+        wait_until(lambda: int(client.get(keys.version) or 0) >= 1, 120, "the first step", launcher)
+        health = httpx.get(f"http://127.0.0.1:{ports['rollout']}/healthz", timeout=5)
+        assert health.status_code == 200 and health.json()["weight_version"] >= 0
+        assert "opd_items_total" in httpx.get(f"http://127.0.0.1:{ports['rollout']}/metrics", timeout=5).text
         learner = launcher.children[0]
         wait_until(lambda: learner.proc.poll() is not None, 120, "the learner to finish", launcher)
         assert learner.proc.returncode == 0, launcher.tail(learner)

@@ -43,7 +43,8 @@ def run_mode(url: str, max_staleness: int, s: Any, run_dir: Path) -> dict[str, A
     try:
         launcher.start("learner", "learner", {**common, "model": s.student, "batch_size": s.batch_size,
                        "max_staleness": max_staleness, "max_steps": s.steps,
-                       "output_dir": run_dir / run / "student", "losses": json.dumps(s.losses)})
+                       "output_dir": run_dir / run / "student", "losses": json.dumps(s.losses),
+                       "checkpoint_dir": run_dir / run / "checkpoints"})
         launcher.start("teacher", "teacher", {**common, "model": s.teacher, "batch_size": s.batch_size})
         for i in range(s.rollouts):
             launcher.start("rollout", f"rollout-{i}", {**common, "model": s.student,

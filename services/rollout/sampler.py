@@ -24,6 +24,7 @@ class Sample:
     mc_ids_TN: np.ndarray | None
     mc_logprobs_TN: np.ndarray | None
     finish_reason: str
+    token_versions_T: np.ndarray | None = None  # set by backends that swap weights mid-sequence
 
 
 def sampling_logprobs(logits_BV: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

@@ -15,6 +15,10 @@ class RolloutSettings(ServiceSettings):
 
     model: str = "builtin:student"
     """Student architecture + initial weights: a local HF checkpoint dir, hub id, or builtin:student."""
+    backend: str = "transformers"
+    """Generation engine: transformers (embedded default, CPU or CUDA) or vllm."""
+    gpu_memory_utilization: float = 0.85
+    """vllm backend: fraction of GPU memory for weights + KV cache."""
     http_port: int = 8001
     """Port of the /healthz and /metrics server (0: pick a free one)."""
     batch_size: int = 32

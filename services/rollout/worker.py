@@ -23,7 +23,7 @@ from shared.admission import Admission
 from shared.service import Context, decode_batch
 from shared.settings import resolve_device
 from shared.streams import Entry, StreamConsumer, backlog, wait_for_room
-from shared.weights import latest, load_version, wait_for_new_version
+from shared.weights import latest, wait_for_new_version
 from shared.wire import Prompt, Trajectory, encode
 
 log = logging.getLogger("opd.rollout")
@@ -31,24 +31,17 @@ log = logging.getLogger("opd.rollout")
 
 class RolloutWorker:
     def __init__(self, ctx: Context, settings: RolloutSettings) -> None:
-        import torch
-
-        from shared.models import load_model, load_tokenizer, resolve_model
+        from services.rollout.backend import make_backend
 
         self.ctx, self.s = ctx, settings
-        self.device = resolve_device(settings.device)
-        path = resolve_model(settings.model)
-        self.model = load_model(path, device=self.device)
-        tok = load_tokenizer(path)
-        self.eos_id, self.pad_id = int(tok.eos_token_id), int(tok.pad_token_id)
+        seed = settings.seed + zlib.crc32(settings.replica.encode())
+        self.backend = make_backend(settings, resolve_device(settings.device), seed)
         self.version = -1
         self.published_at = 0.0  # of the announcement whose weights we hold
         self.cursor: bytes | str = "0-0"  # position in the versions stream (wake-ups)
         self.consumer = StreamConsumer(ctx.client, ctx.keys.prompts, "rollout", settings.replica,
                                        reclaim_idle_ms=int(settings.reclaim_idle_s * 1000))
         self.admission = Admission(ctx.client, ctx.keys)
-        seed = settings.seed + zlib.crc32(settings.replica.encode())
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.weight_lag = Histogram(
             "opd_weight_lag_seconds", "Announcement of a version to generating with it",
             ["service", "replica"], registry=ctx.metrics.registry,
@@ -107,15 +100,8 @@ class RolloutWorker:
     def _generate(self, prompts: list[Prompt]) -> list[Trajectory]:
         import numpy as np
 
-        from services.rollout.sampler import sample
-
         started = time.time()
-        samples = sample(
-            self.model, [p.prompt_ids_P for p in prompts], eos_id=self.eos_id,
-            pad_id=self.pad_id, max_new_tokens=self.s.max_new_tokens,
-            mc_samples=self.s.mc_samples, temperature=self.s.temperature, top_p=self.s.top_p,
-            generator=self.generator,
-        )
+        samples = self.backend.generate([p.prompt_ids_P for p in prompts])
         finished = time.time()
         self.ctx.metrics.busy.inc(finished - started)
         self.ctx.metrics.batch_seconds.observe(finished - started)
@@ -123,7 +109,8 @@ class RolloutWorker:
             Trajectory(
                 traj_id=uuid.uuid4().hex, prompt=p, completion_ids_T=s.completion_ids_T,
                 behaviour_logprobs_T=s.behaviour_logprobs_T,
-                token_versions_T=np.full(len(s.completion_ids_T), self.version, np.int32),
+                token_versions_T=s.token_versions_T if s.token_versions_T is not None
+                else np.full(len(s.completion_ids_T), self.version, np.int32),
                 mc_ids_TN=s.mc_ids_TN, mc_logprobs_TN=s.mc_logprobs_TN,
                 finish_reason=s.finish_reason, replica=self.s.replica,
                 started_at=started, finished_at=finished,
@@ -144,7 +131,7 @@ class RolloutWorker:
             if ann is None or ann.published_at == self.published_at:
                 return
             try:
-                load_version(self.model, ann.path)
+                self.backend.load_weights(ann.path)
             except FileNotFoundError:
                 time.sleep(0.05)  # pruned while we looked: a newer pointer exists
                 continue

@@ -15,6 +15,10 @@ class TeacherSettings(ServiceSettings):
 
     model: str = "builtin:teacher"
     """Teacher checkpoint: a local HF checkpoint dir, hub id, or builtin:teacher."""
+    backend: str = "transformers"
+    """Scoring engine: transformers (embedded default, CPU or CUDA) or vllm."""
+    gpu_memory_utilization: float = 0.85
+    """vllm backend: fraction of GPU memory for weights + KV cache."""
     http_port: int = 8002
     """Port of the /healthz and /metrics server (0: pick a free one)."""
     top_k: int = 64

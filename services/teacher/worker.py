@@ -22,16 +22,11 @@ log = logging.getLogger("opd.teacher")
 
 class TeacherWorker:
     def __init__(self, ctx: Context, settings: TeacherSettings) -> None:
-        import torch
-
-        from shared.models import load_model, load_tokenizer, resolve_model
+        from services.teacher.backend import make_backend
 
         self.ctx, self.s = ctx, settings
-        path = resolve_model(settings.model)
-        self.model = load_model(path, device=resolve_device(settings.device))
-        self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
-        self.pad_id = int(load_tokenizer(path).pad_token_id)
-        self.generator = torch.Generator(device=self.model.device).manual_seed(settings.seed)
+        self.backend = make_backend(settings, resolve_device(settings.device))
+        self.vocab_size = self.backend.vocab_size
         self.consumer = StreamConsumer(ctx.client, ctx.keys.trajectories, "teacher",
                                        settings.replica,
                                        reclaim_idle_ms=int(settings.reclaim_idle_s * 1000))
@@ -61,13 +56,9 @@ class TeacherWorker:
                 self._score(trajs, ids)
 
     def _score(self, trajs: list[Trajectory], ids: list[bytes]) -> None:
-        from services.teacher.scorer import score
-
         self.ctx.heartbeat.beat("scoring")
         started = time.perf_counter()
-        scores = score(self.model, trajs, top_k=self.s.top_k, pad_id=self.pad_id,
-                       draws=self.s.draws, generator=self.generator, name=self.s.model,
-                       replica=self.s.replica)
+        scores = self.backend.score(trajs)
         elapsed = time.perf_counter() - started
         payloads = [encode(ScoredTrajectory(t, s)) for t, s in zip(trajs, scores)]
         self.consumer.hand_off(ids, self.ctx.keys.scored, payloads)
