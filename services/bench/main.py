@@ -21,6 +21,9 @@ class BenchSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OPD_BENCH_", use_attribute_docstrings=True,
                                       cli_kebab_case=True, cli_implicit_flags=True, cli_prog_name="opd bench")
 
+    preset: str = "tiny"
+    """tiny: the built-in models (CPU); gpu: random-init ~0.5B student / ~1.5B teacher on CUDA,
+    256-token completions (overrides student, teacher, device, max_new_tokens)."""
     steps: int = 30
     """Learner steps per pipeline run (throughput counts steps 2..N)."""
     batch_size: int = 64
@@ -110,12 +113,41 @@ def main(argv: list[str]) -> None:
     if what not in ("all", "pipeline", "codec", "broadcast"):
         raise SystemExit("usage: opd bench [all|pipeline|codec|broadcast] [--flags]")
     s = CliApp.run(BenchSettings, cli_args=argv[1:] if argv and argv[0] == what else argv)
+    with tempfile.TemporaryDirectory(prefix="opd-bench-models-") as models_dir:
+        if s.preset != "tiny":
+            s = apply_preset(s, Path(models_dir))
+        run_benchmarks(what, s)
+
+
+def apply_preset(s: BenchSettings, models_dir: Path) -> BenchSettings:
+    """Random-init large checkpoints for the GPU preset ("gpu"; "cpu-test" tries it on CPU)."""
+    from services.bench.models import random_checkpoint
+
+    if s.preset not in ("gpu", "cpu-test"):
+        raise SystemExit(f"unknown preset {s.preset!r}: tiny, gpu or cpu-test")
+    student, teacher = ("0.5b", "1.5b") if s.preset == "gpu" else ("test", "test")
+    return s.model_copy(update={
+        "student": random_checkpoint(student, models_dir / "student", dtype="float32"),
+        "teacher": random_checkpoint(teacher, models_dir / "teacher"),
+        "device": "cuda" if s.preset == "gpu" else "cpu",
+        "max_new_tokens": 256 if s.preset == "gpu" else 16,
+    })
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": gpu,
+            "torch": torch.__version__}
+
+
+def run_benchmarks(what: str, s: BenchSettings) -> None:
     from shared.redis_server import EmbeddedRedis
 
     embedded = None if os.environ.get("REDIS_URL") else EmbeddedRedis().start()
     url = os.environ.get("REDIS_URL") or embedded.url
-    results: dict[str, Any] = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-                               "settings": s.model_dump()}
+    results: dict[str, Any] = {"machine": machine(), "settings": s.model_dump()}
     try:
         if what in ("all", "codec"):
             results["codec"] = codec(url, s)

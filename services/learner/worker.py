@@ -181,7 +181,8 @@ class LearnerWorker:
         self.lm.accuracy.set(correct / len(batch))
         for name, value in metrics.items():
             self.lm.loss.labels(**self.lm.lab, term=name).set(value)
-        m.depth(self.ctx.keys.scored, backlog(self.ctx.client, self.ctx.keys.scored))
+        for stream in (self.ctx.keys.scored, self.ctx.keys.prompts):
+            m.depth(stream, backlog(self.ctx.client, stream))
         self._write_stats(metrics, correct / len(batch))
         log.info("step %d loss %.4f fkl %.4f sample_acc %.2f staleness %s", self.version,
                  metrics["loss/total"], metrics["kl/forward_topk"], correct / len(batch),
