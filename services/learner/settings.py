@@ -77,6 +77,9 @@ class LearnerSettings(ServiceSettings):
     """Resume from the newest checkpoint in checkpoint_dir if there is one."""
     checkpoint_dir: str = ""
     """Learner checkpoints (weights, optimizer, consumed ids); default runs/<run>/checkpoints."""
+    dedup_window: int = 1000
+    """Versions for which trained trajectory ids are remembered to skip duplicate deliveries
+    (older ones would be dropped as over-stale anyway); bounds checkpoint size."""
     checkpoint_every: int = 10
     """Steps between checkpoints; trained trajectories are acked only once checkpointed."""
     seed: int = 0

@@ -71,7 +71,7 @@ class LearnerWorker:
         self.admission = Admission(ctx.client, ctx.keys)
         self.stats: dict[str, Any] = {"trained_tokens": 0, "dead_letters": 0, "correct": 0, "duplicates": 0}
         self.consumer: StreamConsumer | None = None
-        self.consumed: set[str] = set()  # trajectory ids trained on (exactly-once)
+        self.consumed: dict[str, int] = {}  # trajectory id -> version it was trained at (exactly-once)
         self.unacked: list[bytes] = []  # trained entries not yet covered by a checkpoint
         self.checkpoint_dir = settings.checkpoint_dir or f"runs/{settings.run}/checkpoints"
 
@@ -152,7 +152,7 @@ class LearnerWorker:
         metrics = self.trainer.step(batch)
         for msg in batch:
             self.lm.staleness.observe(self.tracker.record(self.version, msg.weight_version))
-        self.consumed.update(m.trajectory.traj_id for m in batch)
+        self.consumed.update((m.trajectory.traj_id, self.version) for m in batch)
         self.unacked.extend(ids)
         self.version += 1
         self._publish()
@@ -215,7 +215,10 @@ class LearnerWorker:
 
     def _checkpoint(self) -> None:
         """Save everything needed to resume exactly, then ack what it covers."""
-        state = {"consumed": sorted(self.consumed), "stats": self.stats,
+        # ids trained long ago can only come back as over-stale (dropped anyway): forget them
+        horizon = self.version - max(self.s.dedup_window, self.s.max_staleness + 2)
+        self.consumed = {k: v for k, v in self.consumed.items() if v >= horizon}
+        state = {"consumed": self.consumed, "stats": self.stats,
                  "tracker": {"trained": dict(self.tracker.trained), "dropped_stale": self.tracker.dropped_stale,
                              "dropped_foreign": self.tracker.dropped_foreign}}
         checkpoint.save(self.checkpoint_dir, self.version, self.model, self.trainer.optimizer, state)
@@ -226,7 +229,7 @@ class LearnerWorker:
     def _restore(self, path) -> None:
         """Resume from a checkpoint; take over the previous learner's pending entries at once."""
         state = checkpoint.load(path, self.model, self.trainer.optimizer)
-        self.version, self.consumed, self.stats = state["version"], set(state["consumed"]), state["stats"]
+        self.version, self.consumed, self.stats = state["version"], state["consumed"], state["stats"]
         tracker = state["tracker"]
         self.tracker.trained.update({int(k): v for k, v in tracker["trained"].items()})
         self.tracker.dropped_stale, self.tracker.dropped_foreign = tracker["dropped_stale"], tracker["dropped_foreign"]

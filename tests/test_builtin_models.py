@@ -1,0 +1,84 @@
+"""Tests of the shipped built-in checkpoints in ``shared/assets/``.
+
+The teacher must be good, the student init clearly worse but well-formed, and both must
+share one tokenizer. Run: ``python -m pytest tests/test_builtin_models.py -q``
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from shared.models import builtin_path, resolve_model
+from shared.task import Problem, make_problems
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+N_EVAL = 200
+
+
+@pytest.fixture(scope="module")
+def problems() -> list[Problem]:
+    return make_problems(N_EVAL, seed=0, split="eval")
+
+
+@pytest.fixture(scope="module")
+def loaded() -> dict[str, tuple["PreTrainedModel", "PreTrainedTokenizerBase"]]:
+    import torch
+
+    from shared.models import load_model, load_tokenizer
+
+    torch.set_num_threads(1)  # keep the suite from grabbing every core
+    return {role: (load_model(f"builtin:{role}"), load_tokenizer(f"builtin:{role}"))
+            for role in ("teacher", "student")}
+
+
+@pytest.fixture(scope="module")
+def accuracies(loaded: dict[str, Any], problems: list[Problem]) -> dict[str, float]:
+    from shared.evaluate import accuracy
+
+    return {role: accuracy(model, tok, problems) for role, (model, tok) in loaded.items()}
+
+
+def test_builtin_paths() -> None:
+    for role in ("teacher", "student"):
+        path = Path(builtin_path(role))
+        assert path.is_absolute() and path.name == role
+        assert resolve_model(f"builtin:{role}") == str(path)
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            assert (path / name).is_file()
+    assert resolve_model("some/dir") == "some/dir"
+    with pytest.raises(ValueError):
+        resolve_model("builtin:nope")
+
+
+def test_teacher_is_good(accuracies: dict[str, float]) -> None:
+    assert accuracies["teacher"] >= 0.9
+
+
+def test_student_is_clearly_worse(accuracies: dict[str, float]) -> None:
+    assert accuracies["student"] <= accuracies["teacher"] - 0.25
+
+
+def test_shared_tokenizer(loaded: dict[str, Any]) -> None:
+    (teacher, t_tok), (student, s_tok) = loaded["teacher"], loaded["student"]
+    assert t_tok.get_vocab() == s_tok.get_vocab()
+    assert teacher.config.vocab_size == student.config.vocab_size
+    for attr in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        assert getattr(t_tok, attr) == getattr(s_tok, attr)
+        assert getattr(teacher.config, attr) == getattr(t_tok, attr)
+    assert sum(p.numel() for p in student.parameters()) < sum(
+        p.numel() for p in teacher.parameters())
+
+
+def test_student_answers_are_well_formed(loaded: dict[str, Any], problems: list[Problem]) -> None:
+    """Even when wrong, the student writes digits then <eos>, so it can be graded."""
+    from shared.evaluate import greedy_completions
+
+    model, tok = loaded["student"]
+    completions = greedy_completions(model, tok, [p.prompt for p in problems[:100]])
+    well_formed = [c.isdigit() and 1 <= len(c) <= 4 for c in completions]
+    assert sum(well_formed) >= 95
