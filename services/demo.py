@@ -29,7 +29,7 @@ class DemoSettings(BaseSettings):
                                       cli_kebab_case=True, cli_implicit_flags=True,
                                       cli_prog_name="opd demo")
 
-    steps: int = 120
+    steps: int = 600
     """Learner optimizer steps."""
     minutes: float = 10.0
     """Stop training after this long even if the steps are not done."""
@@ -47,10 +47,12 @@ class DemoSettings(BaseSettings):
     """Prompts per rollout generation batch."""
     mc_samples: int = 1
     """Tokens recorded per position by the rollouts (1 + extra MC draws)."""
-    losses: dict[str, float] = Field(default_factory=lambda: {"fkl_topk": 1.0, "rkl_recompute": 1.0})
+    losses: dict[str, float] = Field(default_factory=lambda: {"fkl_topk": 1.0})
     """Learner estimators and weights (JSON)."""
     lr: float = 1e-3
     """Learner AdamW learning rate."""
+    warmup_steps: int = 30
+    """Learner learning-rate warm-up steps."""
     student: str = "builtin:student"
     """Student checkpoint (path, hub id or builtin:student)."""
     teacher: str = "builtin:teacher"
@@ -81,6 +83,7 @@ def _flags(s: DemoSettings, run_dir: Path) -> dict[str, dict[str, object]]:
         "learner": {**common, "model": s.student, "batch_size": s.batch_size,
                     "max_staleness": 0 if s.sync else s.max_staleness, "max_steps": s.steps,
                     "losses": json.dumps(s.losses), "lr": s.lr, "seed": s.seed,
+                    "warmup_steps": s.warmup_steps,
                     "output_dir": run_dir / "student", "checkpoint_dir": run_dir / "checkpoints"},
         "teacher": {**common, "model": s.teacher},
         "rollout": {**common, "model": s.student, "batch_size": s.rollout_batch_size,

@@ -47,6 +47,8 @@ class StudySettings(BaseSettings):
     """Samples per position for rkl_mc (other estimators use the sampled token only)."""
     lr: float = 1e-3
     """AdamW learning rate."""
+    warmup_steps: int = 10
+    """Linear learning-rate warm-up."""
     eval_every: int = 10
     """Evaluate every this many steps."""
     eval_n: int = 200
@@ -108,7 +110,7 @@ def run_one(s: StudySettings, models: Models, staleness: int, estimator: str, se
     student, behaviour = load_model(models.student_path), load_model(models.student_path)
     trainer = Trainer(student, lr=s.lr, weight_decay=0.0, grad_clip=1.0,
                       objective=ObjectiveConfig(losses={estimator: 1.0}),
-                      pad_id=models.tokenizer.pad_token_id)
+                      pad_id=models.tokenizer.pad_token_id, warmup_steps=s.warmup_steps)
     snapshots = deque([copy.deepcopy(student.state_dict())], maxlen=staleness + 1)
     train = make_problems(s.steps * s.batch_size, seed=seed, split="train")
     mc = s.mc_samples if estimator == "rkl_mc" else 1

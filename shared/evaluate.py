@@ -28,13 +28,8 @@ def greedy_completions(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizer
     import torch
 
     # Left padding keeps every prompt's last token at the same column, which is what
-    # batched generation needs; the tokenizer's own side is restored afterwards.
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    finally:
-        tokenizer.padding_side = old_side
+    # batched generation needs; passed per call so the tokenizer's own setting is untouched.
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
     with torch.inference_mode():

@@ -28,7 +28,7 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 # Sizes chosen so the teacher learns addition to >0.95 in a few CPU minutes while the
 # student (half the width) is cheap to sample from and still has room to improve.
 _SIZES: dict[str, dict[str, int]] = {
-    "teacher": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
+    "teacher": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
                 "num_attention_heads": 4},
     "student": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
                 "num_attention_heads": 4},

@@ -1,15 +1,23 @@
 """Train the built-in tokenizer, teacher and (weak) student init from scratch on task data.
 
 Supervised next-token training (AdamW, loss on completion tokens only, right-padded
-batches) of two tiny Llamas from ``shared.models.tiny_config``. The teacher trains until
-it is clearly good; the student is the smaller architecture trained for far fewer steps,
-so it knows the output format (digits then ``<eos>``) but is often wrong, leaving room
-for on-policy distillation. Both are saved as normal HF dirs with the shared tokenizer.
+batches) of two tiny Llamas from ``shared.models.tiny_config``, saved as normal HF dirs
+``<out>/teacher`` and ``<out>/student`` that share one tokenizer.
 
-Run (defaults reproduce the shipped checkpoints; ~8 minutes on one CPU thread)::
+* teacher: the larger model, trained for a fixed number of steps until clearly good.
+* student init: the smaller model, trained only until its accuracy on a held-out
+  train-split sample first reaches ``--student-stop-acc`` (default 0.2). Learning curves
+  here are sharp (a long plateau, then a jump to >0.9 within a few hundred steps), so a
+  fixed step count would land on either side of the jump depending on seed and platform;
+  stopping on accuracy gives a student that reliably knows the format (digits then
+  ``<eos>``) but is often wrong, leaving room for on-policy distillation.
+
+Run (defaults reproduce the shipped checkpoints; ~6 minutes on one CPU thread)::
 
     python -m shared.pretrain --out shared/assets
-    python -m shared.pretrain --out /tmp/cap --roles student --student-steps 6000  # capacity check
+    # capacity check: the student architecture trained to convergence (not shipped)
+    python -m shared.pretrain --out /tmp/cap --roles student --student-steps 3000 \
+        --student-stop-acc 0
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +37,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 IGNORE_INDEX = -100  # labels with this value do not contribute to the loss
+ROLE_SEED_OFFSET = {"teacher": 0, "student": 1}  # same student whichever roles are run
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,7 @@ class TrainSpec:
     batch_size: int
     warmup: int = 100
     log_every: int = 200
+    check_every: int = 25  # how often ``should_stop`` is consulted
 
 
 def build_tokenizer(seed: int, digits: int) -> "PreTrainedTokenizerFast":
@@ -59,7 +70,8 @@ def encode_examples(tokenizer: "PreTrainedTokenizerFast",
 
     rows: list[tuple[list[int], list[int]]] = []
     for p in problems:
-        prompt, completion = encode_prompt(tokenizer, p.prompt), encode_completion(tokenizer, p.answer)
+        prompt = encode_prompt(tokenizer, p.prompt)
+        completion = encode_completion(tokenizer, p.answer)
         rows.append((prompt + completion, [IGNORE_INDEX] * len(prompt) + completion))
     width = max(len(ids) for ids, _ in rows)
     pad = int(tokenizer.pad_token_id)
@@ -90,56 +102,102 @@ def _lr_factor(step: int, spec: TrainSpec) -> float:
 
 
 def train(model: "PreTrainedModel", input_ids: "torch.Tensor", labels: "torch.Tensor",
-          spec: TrainSpec, *, seed: int, name: str) -> float:
-    """Train ``model`` in place; returns wall seconds spent."""
+          spec: TrainSpec, *, seed: int, name: str,
+          should_stop: Callable[[], bool] | None = None) -> int:
+    """Train ``model`` in place; returns the number of steps taken.
+
+    ``should_stop`` (if given) is called every ``spec.check_every`` steps and ends
+    training early when it returns True.
+    """
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01,
                             betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, spec))
-    model.train()
     start = time.perf_counter()
-    for step in range(spec.steps):
+    for step in range(1, spec.steps + 1):
+        model.train()
         idx = torch.randint(0, input_ids.shape[0], (spec.batch_size,), generator=gen)
         ids = input_ids[idx]
-        # Right padding: pads sit after <eos> and are masked out of attention and loss.
+        # Right padding: pads sit after <eos>; masking them keeps them out of attention.
         mask = (ids != model.config.pad_token_id).long()
-        out = model(input_ids=ids, attention_mask=mask, labels=labels[idx])
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels[idx]).loss
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if (step + 1) % spec.log_every == 0 or step + 1 == spec.steps:
-            print(f"[{name}] step {step + 1}/{spec.steps} loss {out.loss.item():.4f} "
+        if step % spec.log_every == 0 or step == spec.steps:
+            print(f"[{name}] step {step}/{spec.steps} loss {loss.item():.4f} "
                   f"({time.perf_counter() - start:.0f}s)", flush=True)
+        if should_stop is not None and step % spec.check_every == 0 and should_stop():
+            print(f"[{name}] early stop at step {step}", flush=True)
+            break
     model.eval()
-    return time.perf_counter() - start
+    return step
 
 
 def save(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerFast", out_dir: Path) -> None:
     """Save model + tokenizer as one ordinary HF checkpoint dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir)
+    # The fast backend keeps the padding of its last batched call (e.g. evaluation's
+    # left padding) and would write it into tokenizer.json; it is per-call state.
+    tokenizer.backend_tokenizer.no_padding()
     tokenizer.save_pretrained(out_dir)
+
+
+def _accuracy_reached(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerFast",
+                      problems: list[Problem], target: float) -> Callable[[], bool]:
+    """A ``should_stop`` that fires once greedy accuracy on ``problems`` >= ``target``."""
+    from shared.evaluate import accuracy
+
+    return lambda: accuracy(model, tokenizer, problems) >= target
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="writes <out>/teacher, <out>/student")
-    parser.add_argument("--teacher-steps", type=int, default=3000)
-    parser.add_argument("--student-steps", type=int, default=150)
-    parser.add_argument("--teacher-lr", type=float, default=2e-3)
+    parser.add_argument("--out", type=Path, required=True,
+                        help="writes <out>/teacher and <out>/student")
+    parser.add_argument("--teacher-steps", type=int, default=1200)
+    parser.add_argument("--student-steps", type=int, default=2000,
+                        help="max student steps (it usually stops early, see --student-stop-acc)")
+    parser.add_argument("--student-stop-acc", type=float, default=0.2,
+                        help="stop the student once held-out accuracy reaches this; 0 = never")
+    parser.add_argument("--teacher-lr", type=float, default=3e-3)
     parser.add_argument("--student-lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--digits", type=int, default=3)
     parser.add_argument("--roles", nargs="+", choices=["teacher", "student"],
                         default=["teacher", "student"])
-    parser.add_argument("--eval-n", type=int, default=500, help="eval problems for the final report")
+    parser.add_argument("--eval-n", type=int, default=500, help="eval problems for the report")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     return parser.parse_args(argv)
+
+
+def _train_role(
+    role: str, args: argparse.Namespace, tokenizer: "PreTrainedTokenizerFast",
+    data: tuple["torch.Tensor", "torch.Tensor"],
+) -> tuple["PreTrainedModel", int, float]:
+    """Build, train and save one role; returns (model, steps taken, wall seconds)."""
+    seed = args.seed + ROLE_SEED_OFFSET[role]
+    model = make_model(role, tokenizer, seed)
+    should_stop = None
+    if role == "student":
+        spec = TrainSpec(args.student_steps, args.student_lr, args.batch_size)
+        if args.student_stop_acc > 0:
+            # Train-split problems (never the eval split) so eval numbers stay clean.
+            held_out = make_problems(200, seed=seed + 1000, split="train", digits=args.digits)
+            should_stop = _accuracy_reached(model, tokenizer, held_out, args.student_stop_acc)
+    else:
+        spec = TrainSpec(args.teacher_steps, args.teacher_lr, args.batch_size)
+    start = time.perf_counter()
+    steps = train(model, *data, spec, seed=seed, name=role, should_stop=should_stop)
+    seconds = time.perf_counter() - start
+    save(model, tokenizer, args.out / role)
+    return model, steps, seconds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,22 +209,19 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer(args.seed, args.digits)
-    specs = {"teacher": TrainSpec(args.teacher_steps, args.teacher_lr, args.batch_size),
-             "student": TrainSpec(args.student_steps, args.student_lr, args.batch_size,
-                                  warmup=min(100, max(1, args.student_steps // 5)))}
-    pool = min(400_000, max(specs[r].steps * args.batch_size for r in args.roles))
-    input_ids, labels = encode_examples(
-        tokenizer, make_problems(max(pool, 1), seed=args.seed, split="train", digits=args.digits))
-    eval_problems = make_problems(args.eval_n, seed=args.seed + 1, split="eval", digits=args.digits)
+    max_steps = max(args.teacher_steps if r == "teacher" else args.student_steps
+                    for r in args.roles)
+    pool = max(1, min(400_000, max_steps * args.batch_size))
+    data = encode_examples(tokenizer, make_problems(pool, seed=args.seed, split="train",
+                                                    digits=args.digits))
+    eval_problems = make_problems(args.eval_n, seed=args.seed, split="eval", digits=args.digits)
     report: list[str] = []
-    for i, role in enumerate(args.roles):
-        model = make_model(role, tokenizer, args.seed + i)
-        seconds = train(model, input_ids, labels, specs[role], seed=args.seed + i, name=role)
-        save(model, tokenizer, args.out / role)
+    for role in args.roles:
+        model, steps, seconds = _train_role(role, args, tokenizer, data)
         acc = accuracy(model, tokenizer, eval_problems)
         n_params = sum(p.numel() for p in model.parameters())
-        report.append(f"{role}: params={n_params} steps={specs[role].steps} "
-                      f"train_time={seconds:.0f}s eval_accuracy={acc:.4f} (n={args.eval_n})")
+        report.append(f"{role}: params={n_params} steps={steps} train_time={seconds:.0f}s "
+                      f"eval_accuracy={acc:.4f} (n={args.eval_n}, seed={args.seed})")
     print("\n".join(report))
 
 

@@ -1,11 +1,17 @@
-"""The built-in verifiable task: multi-digit addition, e.g. prompt ``"123+45="`` -> answer ``"168"``.
+"""The built-in verifiable task: multi-digit addition, prompt ``"123+045="`` -> answer ``"168"``.
 
 Pure Python with no heavy imports, so importing it is cheap for every service.
 
 Operands are drawn uniformly from ``0 .. 10**digits - 1`` (0..999 by default) and the
-answer is the plain decimal sum, most-significant digit first. Train and eval splits are
-disjoint: every ``(a, b)`` pair is assigned to exactly one split by a fixed integer hash,
-so no eval prompt is ever seen in training, whatever the seeds.
+answer is the plain decimal sum, most-significant digit first, without leading zeros.
+Train and eval splits are disjoint: every ``(a, b)`` pair is assigned to exactly one split
+by a fixed integer hash, so no eval prompt is ever seen in training, whatever the seeds.
+
+Why operands are zero-padded to ``digits`` in the prompt (``"7+45="`` is ``"007+045="``):
+with unpadded operands the tiny teacher plateaued at 0.88-0.89 exact match after 1500
+CPU steps, and every error was a pair of operands of different lengths (the model must
+align digits by counting, from the ~10% of data that has a short operand). With fixed
+width prompts alignment is positional and the same teacher reaches 1.00 in 1200 steps.
 
 Usage::
 

@@ -82,3 +82,14 @@ def test_student_answers_are_well_formed(loaded: dict[str, Any], problems: list[
     completions = greedy_completions(model, tok, [p.prompt for p in problems[:100]])
     well_formed = [c.isdigit() and 1 <= len(c) <= 4 for c in completions]
     assert sum(well_formed) >= 95
+
+
+def test_batched_greedy_matches_unbatched(loaded: dict[str, Any]) -> None:
+    """Left padding (prompts of different lengths) must not change greedy outputs."""
+    from shared.evaluate import greedy_completions
+
+    model, tok = loaded["teacher"]
+    prompts = [p.prompt for d in (1, 2, 3)
+               for p in make_problems(4, seed=1, split="eval", digits=d)]
+    batched = greedy_completions(model, tok, prompts)
+    assert batched == [greedy_completions(model, tok, [p])[0] for p in prompts]

@@ -46,10 +46,11 @@ def test_answers_are_sums() -> None:
 
 
 def test_small_digit_split_exhaustion() -> None:
-    one_digit = make_problems(10, seed=0, split="eval", digits=1)
-    assert len(set(one_digit)) == 10
+    pool = sum(split_of(a, b) == "eval" for a in range(10) for b in range(10))
+    one_digit = make_problems(pool, seed=0, split="eval", digits=1)
+    assert len(set(one_digit)) == pool and one_digit[0].prompt[1] == "+"
     with pytest.raises(ValueError):
-        make_problems(100, seed=0, split="eval", digits=1)
+        make_problems(pool + 1, seed=0, split="eval", digits=1)
 
 
 @pytest.mark.parametrize(
@@ -85,8 +86,10 @@ def test_prompt_completion_layout(tokenizer: "PreTrainedTokenizerFast") -> None:
     assert prompt_ids == tokenizer(p.prompt)["input_ids"]
     assert completion_ids[-1] == tokenizer.eos_token_id
     assert len(prompt_ids) <= 12 and len(completion_ids) <= 6
-    assert tokenizer.decode(prompt_ids + completion_ids, skip_special_tokens=True) == "999+999=1998"
-    assert {tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token} == {"<pad>", "<bos>", "<eos>"}
+    text = tokenizer.decode(prompt_ids + completion_ids, skip_special_tokens=True)
+    assert text == "999+999=1998"
+    specials = (tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token)
+    assert specials == ("<pad>", "<bos>", "<eos>")
 
 
 def test_tokenizer_save_load(tokenizer: "PreTrainedTokenizerFast", tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ class BenchSettings(BaseSettings):
     """Student checkpoint."""
     teacher: str = "builtin:teacher"
     """Teacher checkpoint."""
-    losses: dict[str, float] = Field(default_factory=lambda: {"fkl_topk": 1.0, "rkl_recompute": 1.0})
+    losses: dict[str, float] = Field(default_factory=lambda: {"fkl_topk": 1.0})
     """Learner estimators."""
     device: str = "auto"
     """Device for the services."""

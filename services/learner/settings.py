@@ -29,8 +29,8 @@ class LearnerSettings(ServiceSettings):
     """Bound on learner version - trajectory version; 0 = strict synchronous training."""
     max_steps: int = 200
     """Optimizer steps before the learner saves the final student and exits (0: run forever)."""
-    losses: dict[str, float] = Field(default_factory=lambda: {"fkl_topk": 1.0, "rkl_recompute": 1.0})
-    """Estimators and their weights, JSON, e.g. '{"fkl_topk": 1, "rkl_recompute": 1}'; names in services/learner/losses.py."""
+    losses: dict[str, float] = Field(default_factory=lambda: {"fkl_topk": 1.0})
+    """Estimators and their weights, JSON, e.g. '{"fkl_topk": 1, "rkl_recompute": 1}'; names and formulas in docs/losses.md."""
     stabiliser: str = "none"
     """Ratio control for rkl_stale/rkl_recompute: none, ppo_clip, decoupled_ppo, m2po, tis, mis, minpro."""
     clip_eps: float = 0.2
@@ -59,6 +59,8 @@ class LearnerSettings(ServiceSettings):
     """Truncate the trajectory from the first position with overlap below this (0: off)."""
     lr: float = 1e-3
     """AdamW learning rate."""
+    warmup_steps: int = 10
+    """Linear learning-rate warm-up over the first steps (fresh AdamW moments are noisy)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     grad_clip: float = 1.0

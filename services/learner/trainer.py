@@ -17,9 +17,9 @@ from shared.wire import ScoredTrajectory
 
 class Trainer:
     def __init__(self, model: torch.nn.Module, *, lr: float, weight_decay: float,
-                 grad_clip: float, objective: ObjectiveConfig, pad_id: int) -> None:
+                 grad_clip: float, objective: ObjectiveConfig, pad_id: int, warmup_steps: int = 0) -> None:
         self.model, self.grad_clip, self.objective, self.pad_id = model, grad_clip, objective, pad_id
-        self.lr = lr
+        self.lr, self.warmup_steps, self.steps = lr, warmup_steps, 0
         self.device = next(model.parameters()).device
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 
@@ -36,8 +36,11 @@ class Trainer:
         if self.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             metrics["grad_norm"] = float(norm)
-        for group in self.optimizer.param_groups:  # VCPO scales this step only
-            group["lr"] = self.lr * metrics["lr_scale"]
+        self.steps += 1
+        warmup = min(1.0, self.steps / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+        for group in self.optimizer.param_groups:  # linear warm-up; VCPO scales this step only
+            group["lr"] = self.lr * warmup * metrics["lr_scale"]
+        metrics["lr"] = self.lr * warmup * metrics["lr_scale"]
         self.optimizer.step()
         self.model.eval()
         return metrics

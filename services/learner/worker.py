@@ -64,6 +64,7 @@ class LearnerWorker:
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
         self.trainer = Trainer(self.model, lr=settings.lr, weight_decay=settings.weight_decay,
                                grad_clip=settings.grad_clip, objective=settings.objective(),
+                               warmup_steps=settings.warmup_steps,
                                pad_id=int(self.tokenizer.pad_token_id))
         self.version = 0
         self.tracker = StalenessTracker(settings.max_staleness)
