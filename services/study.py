@@ -10,7 +10,7 @@ Wall time is measured per stage (generate G, score S, train L) and reported two 
 synchronous = sum G+S+L per step; asynchronous (s >= 1) = max(G, S, L) per step, the
 perfectly-overlapped pipeline bound. Real service-level throughput is `opd bench`'s job.
 
-    opd study staleness --out reports/staleness          # full grid (~10 min on 2 cores)
+    opd study staleness --out reports/staleness          # full grid (~30 min on one core)
     opd study staleness --staleness '[0,4]' --seeds 1    # a quick look
 """
 
@@ -39,9 +39,9 @@ class StudySettings(BaseSettings):
     """Estimators compared (names from services/learner/losses.py)."""
     seeds: int = 2
     """Seeds per (staleness, estimator)."""
-    steps: int = 60
+    steps: int = 150
     """Optimizer steps per run."""
-    batch_size: int = 32
+    batch_size: int = 64
     """Trajectories per step."""
     mc_samples: int = 4
     """Samples per position for rkl_mc (other estimators use the sampled token only)."""
@@ -49,7 +49,7 @@ class StudySettings(BaseSettings):
     """AdamW learning rate."""
     warmup_steps: int = 10
     """Linear learning-rate warm-up."""
-    eval_every: int = 10
+    eval_every: int = 25
     """Evaluate every this many steps."""
     eval_n: int = 200
     """Held-out problems per evaluation."""
@@ -59,6 +59,9 @@ class StudySettings(BaseSettings):
     """Teacher checkpoint."""
     top_k: int = 64
     """Teacher top-k cached per position."""
+    merge: list[str] = []
+    """Instead of running, combine the results.json of these report folders (e.g. runs split
+    across processes) into one report."""
     out: str = "reports/staleness"
     """Report folder: results.json, table.md, accuracy_vs_steps.png, accuracy_vs_time.png."""
 
@@ -179,6 +182,8 @@ def plot(results: list[dict[str, Any]], s: StudySettings, x_key: str, path: Path
 def run_study(s: StudySettings) -> list[dict[str, Any]]:
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
+    if s.merge:
+        return write_report([r for d in s.merge for r in json.loads((Path(d) / "results.json").read_text())["runs"]], s)
     models = Models(s)
     results = []
     grid = list(itertools.product(s.estimators, s.staleness, range(s.seeds)))
@@ -189,6 +194,12 @@ def run_study(s: StudySettings) -> list[dict[str, Any]]:
         print(f"[{i}/{len(grid)}] {est:<14} staleness {k}  seed {seed}  accuracy {final:.3f}  "
               f"({time.perf_counter() - started:.1f}s)", flush=True)
         (out / "results.json").write_text(json.dumps({"settings": s.model_dump(), "runs": results}, indent=1))
+    return write_report(results, s)
+
+
+def write_report(results: list[dict[str, Any]], s: StudySettings) -> list[dict[str, Any]]:
+    out = Path(s.out)
+    (out / "results.json").write_text(json.dumps({"settings": s.model_dump(), "runs": results}, indent=1))
     table = final_table(results, s)
     (out / "table.md").write_text(table)
     plot(results, s, "step", out / "accuracy_vs_steps.png")
