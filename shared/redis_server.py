@@ -76,7 +76,11 @@ class EmbeddedRedis:
         log = open(Path(self.data_dir) / "server.log", "ab")
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        self._wait_ready(timeout_s)
+        try:
+            self._wait_ready(timeout_s)
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def _wait_ready(self, timeout_s: float) -> None:

@@ -103,18 +103,22 @@ def decode_batch(
     check: Callable[[M], None] = lambda _: None,
 ) -> tuple[list[M], list[bytes], int]:
     """Decode entries; invalid ones (WireError from decode or `check`) go to the dead-letter
-    stream with their reason. Returns (messages, their entry ids, number dead-lettered)."""
+    stream with their reason. Returns (messages, their entry ids, number dead-lettered by
+    us). Each dead-lettered trajectory gives back one admission slot (shared/admission.py):
+    it may have been admitted, and a leaked slot could stall a synchronous run for good."""
     msgs: list[M] = []
     ids: list[bytes] = []
+    dead = 0
     for entry in entries:
         try:
             msg = decode(entry.payload, expect)
             check(msg)
         except WireError as e:
-            consumer.dead_letter(ctx.keys.dead, entry, str(e))
-            ctx.metrics.error("invalid_message")
-            log.warning("%s: dead-lettered %s from %s: %s", ctx.name, entry.id, consumer.stream, e)
+            if consumer.dead_letter(ctx.keys.dead, entry, str(e)):
+                dead += 1
+                ctx.metrics.error("invalid_message")
+                log.warning("%s: dead-lettered %s from %s: %s", ctx.name, entry.id, consumer.stream, e)
             continue
         msgs.append(msg)
         ids.append(entry.id)
-    return msgs, ids, len(entries) - len(msgs)
+    return msgs, ids, dead

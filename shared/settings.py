@@ -1,7 +1,7 @@
 """Settings every service shares (Redis, run name, HTTP port, health), as a pydantic-settings base.
 
 Each service subclasses `ServiceSettings` with its own env prefix (`OPD_ROLLOUT_`,
-`OPD_TEACHER_`, `OPD_LEARNER_`); the shared fields also read the unprefixed `REDIS_URL`,
+`OPD_TEACHER_`, `OPD_LEARNER_`); the shared fields default to the unprefixed `REDIS_URL`,
 `OPD_RUN` and `OPD_WEIGHTS_DIR` so one environment configures a whole deployment. Every
 field is documented once, by the docstring under it, which `--help` prints.
 Settings are built in `main()` (`parse(...)`) and passed down: nothing reads them at import.
@@ -11,12 +11,22 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from typing import TypeVar
 
-from pydantic import AliasChoices, Field
+from pydantic import Field
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 S = TypeVar("S", bound=BaseSettings)
+
+
+def _env(name: str, default: str) -> Callable[[], str]:
+    """Default read from an unprefixed variable shared by all services (REDIS_URL, ...);
+    the prefixed one (OPD_LEARNER_RUN) and the flag still take precedence."""
+    def read() -> str:
+        return os.environ.get(name, default)
+    read.__name__ = f"${name}"
+    return read
 
 
 def _replica_name() -> str:
@@ -29,16 +39,12 @@ class ServiceSettings(BaseSettings):
         extra="ignore",
     )
 
-    redis_url: str = Field(
-        "redis://127.0.0.1:6379/0", validation_alias=AliasChoices("redis_url", "REDIS_URL")
-    )
-    """Redis server URL, `redis://[:password@]host:port/db` (env REDIS_URL)."""
-    run: str = Field("default", validation_alias=AliasChoices("run", "OPD_RUN"))
-    """Run name: namespaces every stream and key, so runs can share one Redis (env OPD_RUN)."""
-    weights_dir: str = Field(
-        "runs/default/weights", validation_alias=AliasChoices("weights_dir", "OPD_WEIGHTS_DIR")
-    )
-    """Directory shared by learner and rollouts holding published weight versions."""
+    redis_url: str = Field(default_factory=_env("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    """Redis server URL, `redis://[:password@]host:port/db` (also env REDIS_URL)."""
+    run: str = Field(default_factory=_env("OPD_RUN", "default"))
+    """Run name: namespaces every stream and key, so runs can share one Redis (also env OPD_RUN)."""
+    weights_dir: str = Field(default_factory=_env("OPD_WEIGHTS_DIR", "runs/default/weights"))
+    """Directory shared by learner and rollouts holding published weight versions (also env OPD_WEIGHTS_DIR)."""
     replica: str = Field(default_factory=_replica_name)
     """Name of this replica in metrics and consumer groups (default host-pid)."""
     http_host: str = "0.0.0.0"

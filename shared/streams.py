@@ -24,6 +24,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 FIELD = b"m"
+MOVE_CHUNK = 1000  # ids per hand-off script call
 log = logging.getLogger("opd.streams")
 
 
@@ -230,10 +231,11 @@ class StreamConsumer:
         """XAUTOCLAIM entries left pending by a dead (or stuck) consumer, scanning the
         pending list with a cursor so entries we hold ourselves never crowd others out."""
         idle = self.reclaim_idle_ms if self._min_idle_ms is None else self._min_idle_ms
-        cursor, claimed, deleted = self._grouped(
+        cursor, claimed, *rest = self._grouped(
             self.client.xautoclaim,
             self.stream, self.group, self.consumer, idle, self._cursor, count=count,
         )
+        deleted = rest[0] if rest else []  # Redis >= 7 also reports deleted ids
         self._cursor = cursor
         if deleted:  # pending ids whose entries are gone: nothing to process, clear them
             self.client.xack(self.stream, self.group, *deleted)
@@ -250,22 +252,25 @@ class StreamConsumer:
         a write fails the script stops before the ack, so inputs are never lost."""
         return self._move(stream, [[FIELD, p] for p in payloads], ids)
 
-    def dead_letter(self, dead_stream: str, entry: Entry, reason: str) -> None:
-        """Move an entry to the dead-letter stream with its reason, and ack it."""
+    def dead_letter(self, dead_stream: str, entry: Entry, reason: str) -> bool:
+        """Move an entry to the dead-letter stream with its reason, and ack it; False if
+        another consumer had reclaimed it meanwhile (then it is theirs to handle)."""
         fields = [FIELD, entry.payload, b"reason", reason[:2000].encode(),
                   b"source", self.stream.encode(), b"id", entry.id]
-        self._move(dead_stream, [fields], [entry.id])
+        return self._move(dead_stream, [fields], [entry.id]) == 1
 
     def _move(self, stream: str | None, entries: Sequence[list[bytes]], ids: Sequence[bytes]) -> int:
         """Write entries (paired with ids) and ack+delete ids we still own; returns how many."""
         if entries and len(entries) != len(ids):
             raise ValueError("hand-off needs exactly one output per input id")
-        if not ids:
-            return 0
-        width = len(entries[0]) if entries else 0
-        flat = [x for fields in entries for x in fields]
-        owned = self._move_script(keys=[stream or self.stream, self.stream, _produced_key(self.stream)],
-                                  args=[self.group, self.consumer, len(entries), width, *flat, *ids])
+        owned = 0
+        for start in range(0, len(ids), MOVE_CHUNK):  # Lua's unpack() takes ~8k values at most
+            part = entries[start:start + MOVE_CHUNK]
+            width = len(part[0]) if part else 0
+            flat = [x for fields in part for x in fields]
+            owned += self._move_script(
+                keys=[stream or self.stream, self.stream, _produced_key(self.stream)],
+                args=[self.group, self.consumer, len(part), width, *flat, *ids[start:start + MOVE_CHUNK]])
         self.held.difference_update(ids)
         if owned < len(ids):
             log.warning("%s: %d of %d entries were reclaimed by another consumer; their results "

@@ -60,9 +60,11 @@ def test_m2po_drops_largest_second_moments_until_bound_holds():
 
 def test_minpro_uses_minimum_ratio_of_the_preceding_prefix():
     r = torch.tensor([[2.0, 0.5, 3.0, 1.0]])
-    assert prefix_min_ratio(r, torch.ones(1, 4, dtype=torch.bool)).tolist() == [[1.0, 1.0, 0.5, 0.5]]
-    g = grad_of("minpro")
-    torch.testing.assert_close(g, torch.tensor([[-3.0, -0.5, -0.5, -0.55]], dtype=torch.float64))
+    assert prefix_min_ratio(r, torch.ones(1, 4, dtype=torch.bool)).tolist() == [[1.0, 2.0, 0.5, 0.5]]
+    # ratios above 1 are kept too: the prefix minimum, not min(1, ...)
+    assert prefix_min_ratio(torch.tensor([[2.0, 3.0, 4.0]]), torch.ones(1, 3, dtype=torch.bool)).tolist() == [[1.0, 2.0, 2.0]]
+    g = grad_of("minpro")  # r = [3, 0.5, 1, 1.1] -> weights [1, 3, 0.5, 0.5]
+    torch.testing.assert_close(g, torch.tensor([[-3.0, -1.5, -0.5, -0.55]], dtype=torch.float64))
 
 
 def test_vcpo_scale_from_effective_sample_size():

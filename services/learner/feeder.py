@@ -49,10 +49,10 @@ def file_problems(path: str) -> Iterator[Problem]:
 
 class PromptFeeder:
     def __init__(self, client: redis.Redis, stream: str, tokenizer, problems: Iterator[Problem],
-                 backlog: int, version: Callable[[], int]) -> None:
+                 backlog: int, version: Callable[[], int], fed: int = 0) -> None:
         self.client, self.stream, self.tokenizer = client, stream, tokenizer
         self.problems, self.backlog, self.version = problems, backlog, version
-        self.fed = 0
+        self.fed = fed  # problems taken from the source so far (checkpointed)
         self.error: BaseException | None = None
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="feeder", daemon=True)

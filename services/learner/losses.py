@@ -66,7 +66,8 @@ def sampled_reverse_kl(student_logprob_BT: torch.Tensor, behaviour_logprob_BT: t
                        clip_eps: float | None = None) -> torch.Tensor:
     """Policy-gradient reverse KL on the sampled token: -A pi(y)/mu(y), optionally PPO-clipped."""
     adv = advantage(student_logprob_BT, behaviour_logprob_BT, teacher_logprob_BT, advantage_kind)
-    cfg = StabiliserConfig("none" if clip_eps is None else "ppo_clip", clip_eps=clip_eps or 0.2)
+    cfg = StabiliserConfig("none" if clip_eps is None else "ppo_clip",
+                           clip_eps=0.2 if clip_eps is None else clip_eps)
     mask = torch.ones_like(adv, dtype=torch.bool)
     return policy_gradient(adv, student_logprob_BT, behaviour_logprob_BT, mask, cfg)
 

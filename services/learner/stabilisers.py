@@ -59,8 +59,9 @@ def m2po_mask(log_ratio_BT: torch.Tensor, mask_BT: torch.Tensor, tau: float) -> 
 def prefix_min_ratio(ratio_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     """min_{s<t} r_s over each sequence's preceding valid tokens (1 at t = 0)."""
     r = ratio_BT.detach().masked_fill(~mask_BT, float("inf"))
-    shifted = torch.cat([torch.ones_like(r[:, :1]), r[:, :-1]], dim=1)
-    return torch.cummin(shifted, dim=1).values.clamp(max=1e6)
+    shifted = torch.cat([torch.full_like(r[:, :1], float("inf")), r[:, :-1]], dim=1)
+    prefix_min = torch.cummin(shifted, dim=1).values
+    return torch.where(torch.isinf(prefix_min), torch.ones_like(prefix_min), prefix_min)
 
 
 def policy_gradient(

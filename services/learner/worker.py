@@ -3,12 +3,14 @@
 Start: (fresh) wipe the run's keys, write the admission limits, publish version 0, start
 the prompt feeder. Each step: read scored trajectories (reclaimed first), dead-letter
 invalid ones, drop and count those over the staleness bound (releasing their admission),
-train on B, publish the new version, then ack the batch (a crash before the ack leaves it
-pending for the next learner). End: save the final student and the run summary.
+train on B, publish the new version. Trained entries are acked only when a checkpoint
+(every checkpoint_every steps) covers them, so a restarted learner resumes from the
+checkpoint and retrains exactly what it lost. End: save the final student and summary.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
@@ -72,17 +74,29 @@ class LearnerWorker:
         self.admission = Admission(ctx.client, ctx.keys)
         self.stats: dict[str, Any] = {"trained_tokens": 0, "dead_letters": 0, "correct": 0, "duplicates": 0}
         self.consumer: StreamConsumer | None = None
+        self.shape: tuple[int, int | None, int | None] | None = None  # see check()
         self.consumed: dict[str, int] = {}  # trajectory id -> version it was trained at (exactly-once)
         self.unacked: list[bytes] = []  # trained entries not yet covered by a checkpoint
         self.checkpoint_dir = settings.checkpoint_dir or f"runs/{settings.run}/checkpoints"
+        self.resumed: dict[str, Any] = {}  # the checkpoint state this learner started from
 
     def info(self) -> dict[str, Any]:
         return {"weight_version": self.version, "step": self.version}
 
     def check(self, msg: ScoredTrajectory) -> None:
-        ids = msg.scores.topk_ids_TK
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise WireError(f"teacher top-k ids outside the student vocabulary [0, {self.vocab_size})")
+        """What decoding cannot know: ids fit the student, shapes fit the batch and losses."""
+        t, sc = msg.trajectory, msg.scores
+        for name, ids in (("top-k", sc.topk_ids_TK), ("draw", sc.draw_ids_TN), ("MC", t.mc_ids_TN)):
+            if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+                raise WireError(f"{name} ids outside the student vocabulary [0, {self.vocab_size})")
+        shape = (sc.topk_ids_TK.shape[1], None if t.mc_ids_TN is None else t.mc_ids_TN.shape[1],
+                 None if sc.draw_ids_TN is None else sc.draw_ids_TN.shape[1])
+        self.shape = self.shape or shape  # the first message fixes (K, N, draws) for the run
+        if shape != self.shape:
+            raise WireError(f"(top-k, MC samples, draws) = {shape}, this run uses {self.shape}")
+        losses = self.s.losses
+        if "rkl_mc" in losses and t.mc_ids_TN is None or "fkl_teacher_sampled" in losses and sc.draw_ids_TN is None:
+            raise WireError("the configured losses need MC samples / teacher draws this message lacks")
 
     def run(self, stop: threading.Event) -> None:
         feeder = self._start()
@@ -118,8 +132,11 @@ class LearnerWorker:
             self._restore(ckpt)
         self._publish()
         problems = file_problems(self.s.prompts_file) if self.s.prompts_file else builtin_problems(self.s.seed)
-        return PromptFeeder(ctx.client, keys.prompts, self.tokenizer, problems,
-                            self.s.prompt_backlog, lambda: self.version).start()
+        fed = self.resumed.get("prompts_fed", 0)  # resume the prompt order where it was
+        self.feeder = PromptFeeder(ctx.client, keys.prompts, self.tokenizer,
+                                   itertools.islice(problems, fed, None), self.s.prompt_backlog,
+                                   lambda: self.version, fed=fed)
+        return self.feeder.start()
 
     def _collect(self, batch: list[ScoredTrajectory], ids: list[bytes]) -> None:
         """Read, validate and staleness-filter entries until the batch is full or a read times out."""
@@ -219,7 +236,7 @@ class LearnerWorker:
         # ids trained long ago can only come back as over-stale (dropped anyway): forget them
         horizon = self.version - max(self.s.dedup_window, self.s.max_staleness + 2)
         self.consumed = {k: v for k, v in self.consumed.items() if v >= horizon}
-        state = {"consumed": self.consumed, "stats": self.stats,
+        state = {"consumed": self.consumed, "stats": self.stats, "prompts_fed": self.feeder.fed,
                  "tracker": {"trained": dict(self.tracker.trained), "dropped_stale": self.tracker.dropped_stale,
                              "dropped_foreign": self.tracker.dropped_foreign}}
         checkpoint.save(self.checkpoint_dir, self.version, self.model, self.trainer.optimizer, state)
@@ -230,7 +247,9 @@ class LearnerWorker:
     def _restore(self, path) -> None:
         """Resume from a checkpoint; take over the previous learner's pending entries at once."""
         state = checkpoint.load(path, self.model, self.trainer.optimizer)
+        self.resumed = state
         self.version, self.consumed, self.stats = state["version"], state["consumed"], state["stats"]
+        self.trainer.steps = self.version  # the warm-up continues where it was
         tracker = state["tracker"]
         self.tracker.trained.update({int(k): v for k, v in tracker["trained"].items()})
         self.tracker.dropped_stale, self.tracker.dropped_foreign = tracker["dropped_stale"], tracker["dropped_foreign"]
@@ -242,7 +261,8 @@ class LearnerWorker:
     def _finish(self, completed: bool) -> None:
         from pathlib import Path
 
-        self._checkpoint()
+        if self.unacked:  # anything trained since the last checkpoint
+            self._checkpoint()
         out = Path(self.s.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(out)

@@ -70,7 +70,7 @@ class RolloutWorker:
         if entries:
             return entries
         traj = self.ctx.keys.trajectories
-        room = wait_for_room(self.ctx.client, traj, self.s.max_backlog, self.s.batch_size,
+        room = wait_for_room(self.ctx.client, traj, self.s.max_backlog, min(self.s.batch_size, self.s.max_backlog),
                              stop=stop.is_set, on_wait=lambda: self.ctx.heartbeat.beat("backpressure"))
         self.ctx.metrics.depth(traj, backlog(self.ctx.client, traj))
         if not room:
@@ -141,3 +141,5 @@ class RolloutWorker:
             self.ctx.metrics.weight_version.set(self.version)
             log.info("loaded weight version %d", self.version)
             return
+        self.ctx.metrics.error("weights_missing")
+        log.warning("announced weights kept disappearing; generating with version %d", self.version)

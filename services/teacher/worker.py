@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from services.teacher.settings import TeacherSettings
+from shared.admission import Admission
 from shared.service import Context, decode_batch
 from shared.settings import resolve_device
 from shared.streams import StreamConsumer, backlog, wait_for_room
@@ -27,6 +28,7 @@ class TeacherWorker:
         self.ctx, self.s = ctx, settings
         self.backend = make_backend(settings, resolve_device(settings.device))
         self.vocab_size = self.backend.vocab_size
+        self.admission = Admission(ctx.client, ctx.keys)
         self.consumer = StreamConsumer(ctx.client, ctx.keys.trajectories, "teacher",
                                        settings.replica,
                                        reclaim_idle_ms=int(settings.reclaim_idle_s * 1000))
@@ -47,11 +49,13 @@ class TeacherWorker:
             self.ctx.heartbeat.beat("waiting")
             self.ctx.metrics.depth(keys.trajectories, backlog(client, keys.trajectories))
             self.ctx.metrics.depth(keys.scored, backlog(client, keys.scored))
-            if not wait_for_room(client, keys.scored, self.s.max_backlog, stop=stop.is_set,
+            need = min(self.s.batch_size, self.s.max_backlog)
+            if not wait_for_room(client, keys.scored, self.s.max_backlog, need, stop=stop.is_set,
                                  on_wait=lambda: self.ctx.heartbeat.beat("backpressure")):
                 return
             entries = self.consumer.read(self.s.batch_size, block_ms=500)
-            trajs, ids, _ = decode_batch(self.ctx, self.consumer, entries, Trajectory, self.check)
+            trajs, ids, dead = decode_batch(self.ctx, self.consumer, entries, Trajectory, self.check)
+            self.admission.release(dead)
             if trajs:
                 self._score(trajs, ids)
 
