@@ -164,3 +164,14 @@ def test_hand_offs_are_counted_per_downstream_stream(client, keys):
     entries = c.read(2, block_ms=100)
     c.hand_off([e.id for e in entries], keys.trajectories, [b"A", b"B"])
     assert int(client.hget(keys.produced, keys.trajectories)) == 2
+
+
+def test_large_acks_and_hand_offs_are_chunked(client, keys):
+    """More ids than Lua's unpack() takes (~8k) in one call: all moved, none left pending."""
+    n = 9000
+    produce(client, keys.scored, [b"x"] * n)
+    c = StreamConsumer(client, keys.scored, "learner", "l0")
+    entries = c.read(n, block_ms=100)
+    assert len(entries) == n
+    assert c.ack([e.id for e in entries]) == n
+    assert c.pending() == 0 and client.xlen(keys.scored) == 0
