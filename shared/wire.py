@@ -42,7 +42,8 @@ def pack_array(a: np.ndarray) -> dict[str, Any]:
     if name is None:
         raise WireError(f"dtype {a.dtype} cannot travel; allowed: {sorted(_DTYPES)}")
     data = np.ascontiguousarray(a, dtype=_DTYPES[name])  # no copy when already so
-    return {"dtype": name, "shape": list(a.shape), "data": memoryview(data).cast("B")}
+    # flat byte view: cast() refuses multi-dimensional views with a zero-size axis
+    return {"dtype": name, "shape": list(a.shape), "data": memoryview(data.reshape(-1)).cast("B")}
 
 
 def unpack_array(obj: Any, where: str, dtype: str, ndim: int) -> np.ndarray:
