@@ -20,6 +20,10 @@ from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 S = TypeVar("S", bound=BaseSettings)
 
 
+# Unprefixed variables every service reads, and the setting each one provides the default of.
+SHARED_ENV = {"REDIS_URL": "redis_url", "OPD_RUN": "run", "OPD_WEIGHTS_DIR": "weights_dir"}
+
+
 def _env(name: str, default: str) -> Callable[[], str]:
     """Default read from an unprefixed variable shared by all services (REDIS_URL, ...);
     the prefixed one (OPD_LEARNER_RUN) and the flag still take precedence."""

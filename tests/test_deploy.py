@@ -127,8 +127,10 @@ def settings_class(service: str) -> type:
 
 def env_names(cls: type) -> set[str]:
     """Every environment variable the settings class reads."""
+    from shared.settings import SHARED_ENV, ServiceSettings
+
     prefix = cls.model_config.get("env_prefix", "")
-    names = set()
+    names = set(SHARED_ENV) if issubclass(cls, ServiceSettings) else set()
     for field_name, field in cls.model_fields.items():
         alias = field.validation_alias
         if alias is None:
