@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,19 +36,27 @@ def save_version(model: torch.nn.Module, root: str | Path, version: int) -> Path
     from safetensors.torch import save_model
 
     final = version_dir(root, version)
+    with atomic_dir(final) as tmp:
+        save_model(model, str(tmp / WEIGHTS_FILE))  # handles tied embeddings
+        config = getattr(model, "config", None)
+        if config is not None:
+            config.to_json_file(str(tmp / "config.json"))
+    return final
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory to fill; when the block succeeds, fsync its files
+    and rename it to `final` (replacing an older one): readers never see a partial one."""
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / WEIGHTS_FILE))  # handles tied embeddings
-    config = getattr(model, "config", None)
-    if config is not None:
-        config.to_json_file(str(tmp / "config.json"))
+    yield tmp
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    return final
 
 
 def announce(client: redis.Redis, keys: Keys, version: int, path: Path) -> WeightAnnouncement:

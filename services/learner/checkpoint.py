@@ -11,7 +11,6 @@ what the checkpoint consumed is skipped, what it did not is reclaimed and traine
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,19 +25,14 @@ def save(root: str | Path, version: int, model: torch.nn.Module, optimizer: torc
     """Write a checkpoint atomically and prune all but the newest `keep`."""
     from safetensors.torch import save_file, save_model
 
+    from shared.weights import atomic_dir
+
     final = Path(root) / f"{PREFIX}{version:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    tensors, scalars = _flatten(optimizer.state_dict())
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "version": version, "optimizer": scalars}))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_dir(final) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+        tensors, scalars = _flatten(optimizer.state_dict())
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**state, "version": version, "optimizer": scalars}))
     for old in _complete(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
