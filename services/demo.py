@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,8 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     from shared.streams import Keys, connect
 
     run_dir = Path(s.run_dir).resolve()
+    for stale in ("checkpoints", "weights", "student", "logs", "redis"):  # a new demo, not a resume
+        shutil.rmtree(run_dir / stale, ignore_errors=True)
     run = f"demo-{int(time.time())}"
     embedded = None if os.environ.get("REDIS_URL") else EmbeddedRedis(data_dir=str(run_dir / "redis")).start()
     url = os.environ.get("REDIS_URL") or embedded.url
