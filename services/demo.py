@@ -23,6 +23,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.launcher import Launcher
+from shared.streams import read_stats
 
 
 class DemoSettings(BaseSettings):
@@ -117,23 +118,19 @@ def _watch(launcher: Launcher, client, keys, s: DemoSettings) -> dict[str, str]:
     learner = launcher.children[0]
     last = ""
     while learner.proc.poll() is None:
-        failed = launcher.failed()
-        if failed:
-            raise RuntimeError(f"{failed[0].name} exited with {failed[0].proc.returncode}:\n"
-                               f"{launcher.tail(failed[0])}")
+        launcher.raise_if_failed()
         if time.monotonic() > deadline:
             print("time limit reached: stopping the learner", flush=True)
             launcher.stop(["learner"])
             break
-        stats = {k.decode(): v.decode() for k, v in client.hgetall(keys.stats).items()}
+        stats = read_stats(client, keys)
         line = _progress(stats, s) if stats.get("step") else "waiting for the first step..."
         if line != last:
             print(line, flush=True)
             last = line
         time.sleep(2.0)
-    if learner.proc.returncode not in (0, None):
-        raise RuntimeError(f"learner exited with {learner.proc.returncode}:\n{launcher.tail(learner)}")
-    return {k.decode(): v.decode() for k, v in client.hgetall(keys.stats).items()}
+    launcher.raise_if_failed()
+    return read_stats(client, keys)
 
 
 def summarize(stats: dict[str, str], acc: dict[str, float], s: DemoSettings) -> dict[str, Any]:

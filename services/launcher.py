@@ -59,6 +59,11 @@ class Launcher:
         """Children that exited with an error."""
         return [c for c in self.children if c.proc.poll() not in (None, 0)]
 
+    def raise_if_failed(self) -> None:
+        """Raise with the log tail of the first child that exited with an error."""
+        for child in self.failed():
+            raise RuntimeError(f"{child.name} exited with {child.proc.returncode}:\n{self.tail(child)}")
+
     def stop(self, names: list[str] | None = None, grace_s: float = 20.0) -> None:
         """SIGTERM the named children (all by default), wait, SIGKILL stragglers."""
         targets = [c for c in self.children if names is None or c.name in names]

@@ -300,6 +300,11 @@ def _entries(raw: list) -> list[Entry]:
     return out
 
 
+def read_stats(client: redis.Redis, keys: Keys) -> dict[str, str]:
+    """The learner's progress/summary hash, decoded."""
+    return {k.decode(): v.decode() for k, v in client.hgetall(keys.stats).items()}
+
+
 def backlog(client: redis.Redis, stream: str) -> int:
     """Entries not yet delivered to the stream's (single) consumer group: the queue waiting
     for a consumer. Acked entries are deleted, so length = undelivered + pending."""

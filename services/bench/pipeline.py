@@ -22,19 +22,16 @@ def _wait(launcher: Launcher, timeout_s: float) -> None:
     learner = launcher.children[0]
     deadline = time.monotonic() + timeout_s
     while learner.proc.poll() is None:
-        failed = launcher.failed()
-        if failed:
-            raise RuntimeError(f"{failed[0].name} died:\n{launcher.tail(failed[0])}")
+        launcher.raise_if_failed()
         if time.monotonic() > deadline:
             raise TimeoutError("learner did not finish in time")
         time.sleep(0.2)
-    if learner.proc.returncode != 0:
-        raise RuntimeError(f"learner failed:\n{launcher.tail(learner)}")
+    launcher.raise_if_failed()
 
 
 def run_mode(url: str, max_staleness: int, s: Any, run_dir: Path) -> dict[str, Any]:
     """One pipeline run; returns throughput, per-stage busy time per step and weight lag."""
-    from shared.streams import Keys, connect
+    from shared.streams import Keys, connect, read_stats
 
     run = f"bench-s{max_staleness}-{int(time.time())}"
     launcher = Launcher(env={"REDIS_URL": url, "OPD_RUN": run}, log_dir=run_dir / run / "logs")
@@ -53,7 +50,7 @@ def run_mode(url: str, max_staleness: int, s: Any, run_dir: Path) -> dict[str, A
     finally:
         launcher.stop(grace_s=15)
     client = connect(url)
-    stats = {k.decode(): v.decode() for k, v in client.hgetall(Keys(run).stats).items()}
+    stats = read_stats(client, Keys(run))
     replicas = [json.loads(v) for v in client.hgetall(Keys(run).replicas).values()]
     return summarize(stats, replicas, max_staleness)
 

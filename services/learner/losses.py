@@ -11,6 +11,7 @@ float64 references.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -63,13 +64,17 @@ def advantage(student_BT: torch.Tensor, behaviour_BT: torch.Tensor, teacher_BT: 
 
 def sampled_reverse_kl(student_logprob_BT: torch.Tensor, behaviour_logprob_BT: torch.Tensor,
                        teacher_logprob_BT: torch.Tensor, advantage_kind: str = "recompute",
-                       clip_eps: float | None = None) -> torch.Tensor:
-    """Policy-gradient reverse KL on the sampled token: -A pi(y)/mu(y), optionally PPO-clipped."""
+                       clip_eps: float | None = None, *, stabiliser: StabiliserConfig | None = None,
+                       mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """Policy-gradient reverse KL on the sampled token: -A pi(y)/mu(y), optionally PPO-clipped
+    (clip_eps) or stabilised (`stabiliser`, see stabilisers.py; mask_BT for the ones that
+    look across tokens)."""
     adv = advantage(student_logprob_BT, behaviour_logprob_BT, teacher_logprob_BT, advantage_kind)
-    cfg = StabiliserConfig("none" if clip_eps is None else "ppo_clip",
-                           clip_eps=0.2 if clip_eps is None else clip_eps)
-    mask = torch.ones_like(adv, dtype=torch.bool)
-    return policy_gradient(adv, student_logprob_BT, behaviour_logprob_BT, mask, cfg)
+    if stabiliser is None:
+        stabiliser = StabiliserConfig("none" if clip_eps is None else "ppo_clip",
+                                      clip_eps=0.2 if clip_eps is None else clip_eps)
+    mask = torch.ones_like(adv, dtype=torch.bool) if mask_BT is None else mask_BT
+    return policy_gradient(adv, student_logprob_BT, behaviour_logprob_BT, mask, stabiliser)
 
 
 def mc_reverse_kl(student_logprobs_BTN: torch.Tensor, behaviour_logprobs_BTN: torch.Tensor,
@@ -91,15 +96,14 @@ def generalized_jsd(student_BTS: torch.Tensor, teacher_BTS: torch.Tensor, beta: 
         return reverse_kl_support(teacher_BTS, student_BTS)
     if beta >= 1.0:
         return reverse_kl_support(student_BTS, teacher_BTS)
-    log_m = torch.logsumexp(torch.stack([teacher_BTS + torch.log(torch.tensor(beta)),
-                                         student_BTS + torch.log(torch.tensor(1 - beta))]), 0)
+    log_m = torch.logsumexp(torch.stack([teacher_BTS + math.log(beta),
+                                         student_BTS + math.log(1 - beta)]), 0)
     return beta * reverse_kl_support(teacher_BTS, log_m) + (1 - beta) * reverse_kl_support(student_BTS, log_m)
 
 
 def skew_kl(a_BTS: torch.Tensor, b_BTS: torch.Tensor, alpha: float) -> torch.Tensor:
     """Skew KL(a || alpha a + (1-alpha) b) over a normalised support (DistiLLM)."""
-    mix = torch.logsumexp(torch.stack([a_BTS + torch.log(torch.tensor(alpha)),
-                                       b_BTS + torch.log(torch.tensor(1 - alpha))]), 0)
+    mix = torch.logsumexp(torch.stack([a_BTS + math.log(alpha), b_BTS + math.log(1 - alpha)]), 0)
     return reverse_kl_support(a_BTS, mix)
 
 
@@ -154,9 +158,9 @@ Estimator = Callable[[LossInputs, ObjectiveConfig], torch.Tensor]
 
 def _sampled(kind: str) -> Estimator:
     def estimator(x: LossInputs, cfg: ObjectiveConfig) -> torch.Tensor:
-        pi = x.student_at(x.sampled_ids_BT)
-        adv = advantage(pi, x.behaviour_logprobs_BT, x.teacher_sampled_logprobs_BT, kind)
-        return policy_gradient(adv, pi, x.behaviour_logprobs_BT, x.mask_BT, cfg.stabiliser)
+        return sampled_reverse_kl(x.student_at(x.sampled_ids_BT), x.behaviour_logprobs_BT,
+                                  x.teacher_sampled_logprobs_BT, kind, stabiliser=cfg.stabiliser,
+                                  mask_BT=x.mask_BT)
     return estimator
 
 
@@ -187,7 +191,7 @@ ESTIMATORS: dict[str, Estimator] = {
     "rkl_mc": _mc,
     "fkl_teacher_sampled": _teacher_sampled,
     "jsd": lambda x, c: generalized_jsd(*x.on_topk(), c.jsd_beta),
-    "skew_fkl": lambda x, c: skew_kl(x.on_topk()[1], x.on_topk()[0], c.skew_alpha),
+    "skew_fkl": lambda x, c: skew_kl(*reversed(x.on_topk()), c.skew_alpha),
     "skew_rkl": lambda x, c: skew_kl(*x.on_topk(), c.skew_alpha),
 }
 

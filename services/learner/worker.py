@@ -27,7 +27,7 @@ from shared.service import Context, decode_batch
 from shared.settings import resolve_device
 from shared.streams import Entry, StreamConsumer, backlog
 from shared.weights import announce, prune_versions, save_version
-from shared.wire import ScoredTrajectory, WireError, encode
+from shared.wire import ScoredTrajectory, WireError
 
 log = logging.getLogger("opd.learner")
 
@@ -145,6 +145,7 @@ class LearnerWorker:
         msgs, msg_ids, dead = decode_batch(self.ctx, self.consumer, entries, ScoredTrajectory, self.check)
         self.stats["dead_letters"] += dead
         self.admission.release(dead)
+        payloads = {e.id: e.payload for e in entries}
         in_batch = {m.trajectory.traj_id for m in batch}
         for msg, entry_id in zip(msgs, msg_ids):
             traj_id = msg.trajectory.traj_id
@@ -159,7 +160,7 @@ class LearnerWorker:
             else:  # recorded in the dead-letter stream, so every trajectory is accounted for
                 reason = "foreign" if msg.weight_version > self.version else "stale"
                 self.lm.dropped.labels(**self.lm.lab, reason=reason).inc()
-                self.consumer.dead_letter(self.ctx.keys.dead, Entry(entry_id, encode(msg)),
+                self.consumer.dead_letter(self.ctx.keys.dead, Entry(entry_id, payloads[entry_id]),
                                           f"dropped: {reason}, staleness {self.version - msg.weight_version}"
                                           f" (max {self.s.max_staleness})")
                 self.admission.release(1)
