@@ -1,10 +1,13 @@
 """Wire format: every message the services exchange, encoded with msgpack.
 
-One place for all wire types. Arrays travel as raw little-endian bytes plus dtype and shape
-(never Python lists), every message carries the schema version and the weight version, and
-decoding validates everything (version, kind, field types, dtypes, shapes, finiteness, size)
-and raises `WireError` with a message that says what is wrong. `docs/wire.md` documents the
-layout for clients in other languages.
+One place for all wire types. A message is the msgpack array `[header, blob]`: the header
+map holds the fields, the schema version and the weight version; each array field is a map
+{dtype, shape, offset} whose raw little-endian bytes sit in the blob (a bin), 8-byte aligned
+(never Python lists). Encoding copies the array data once, into the result; decoding parses
+only the header and returns read-only numpy views into the payload. Decoding validates
+everything (version, kind, field types, dtypes, shapes, bounds, finiteness, size) and raises
+`WireError` with a message that says what is wrong. `docs/wire.md` documents the layout for
+clients in other languages.
 
 Shape suffixes: `_T` completion positions, `_P` prompt positions, `_TN` positions x MC
 samples, `_TK` positions x teacher top-k.
@@ -22,11 +25,12 @@ from typing import Any
 import msgpack
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _DTYPES = {"int32": "<i4", "int64": "<i8", "float32": "<f4", "float64": "<f8"}
 _NAME_OF = {np.dtype(code): name for name, code in _DTYPES.items()}
 _ITEMSIZE = {name: np.dtype(code).itemsize for name, code in _DTYPES.items()}
+_ARRAY_KEYS = frozenset(("dtype", "shape", "offset"))
 
 
 class WireError(ValueError):
@@ -36,44 +40,74 @@ class WireError(ValueError):
 # ---------------------------------------------------------------- arrays
 
 
-def pack_array(a: np.ndarray) -> dict[str, Any]:
-    """Array -> {"dtype", "shape", "data"}; data is a zero-copy view of little-endian bytes."""
-    name = _NAME_OF.get(a.dtype) or _NAME_OF.get(a.dtype.newbyteorder("<"))
-    if name is None:
-        raise WireError(f"dtype {a.dtype} cannot travel; allowed: {sorted(_DTYPES)}")
-    data = np.ascontiguousarray(a, dtype=_DTYPES[name])  # no copy when already so
-    # flat byte view: cast() refuses multi-dimensional views with a zero-size axis
-    return {"dtype": name, "shape": list(a.shape), "data": memoryview(data.reshape(-1)).cast("B")}
+class ArrayWriter:
+    """Lays out one message's arrays in its blob: 8-byte aligned, zero-copy views until encode."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes | memoryview] = []
+        self.size = 0
+
+    def add(self, a: np.ndarray) -> dict[str, Any]:
+        """Array -> {"dtype", "shape", "offset"}; its little-endian bytes join the blob."""
+        name = _NAME_OF.get(a.dtype) or _NAME_OF.get(a.dtype.newbyteorder("<"))
+        if name is None:
+            raise WireError(f"dtype {a.dtype} cannot travel; allowed: {sorted(_DTYPES)}")
+        data = np.ascontiguousarray(a, dtype=_DTYPES[name])  # no copy when already so
+        if pad := -self.size % 8:
+            self.parts.append(bytes(pad))
+            self.size += pad
+        offset = self.size
+        # flat byte view: cast() refuses multi-dimensional views with a zero-size axis
+        view = memoryview(data.reshape(-1)).cast("B")
+        self.parts.append(view)
+        self.size += view.nbytes
+        return {"dtype": name, "shape": list(a.shape), "offset": offset}
 
 
-def unpack_array(obj: Any, where: str, dtype: str, ndim: int) -> np.ndarray:
-    """Validate and decode one packed array (zero-copy view); `where` names the field."""
-    if not isinstance(obj, dict) or len(obj) != 3 or obj.keys() != {"dtype", "shape", "data"}:
-        raise WireError(f"{where}: expected an array map with dtype, shape, data")
-    if obj["dtype"] != dtype:
-        raise WireError(f"{where}: dtype {obj['dtype']!r}, expected {dtype!r}")
-    shape = obj["shape"]
-    if not isinstance(shape, list) or len(shape) != ndim or not all(
-        type(s) is int and s >= 0 for s in shape
-    ):
-        raise WireError(f"{where}: shape {shape!r} is not {ndim} non-negative ints")
-    data = obj["data"]
-    want = math.prod(shape) * _ITEMSIZE[dtype]
-    if not isinstance(data, bytes) or len(data) != want:
-        got = len(data) if isinstance(data, bytes) else type(data).__name__
-        raise WireError(f"{where}: {got} data bytes, shape {shape} needs {want}")
-    return np.frombuffer(data, dtype=_DTYPES[dtype]).reshape(shape)
+class ArrayReader:
+    """Validates array maps against one message's blob and returns zero-copy views into it."""
 
+    def __init__(self, blob: memoryview) -> None:
+        self.blob = blob
 
-def _logprobs(obj: Any, where: str, ndim: int) -> np.ndarray:
-    a = unpack_array(obj, where, "float32", ndim)
-    if a.size:
-        lo, hi = a.min(), a.max()  # two reductions, no temporaries; NaN fails both tests
-        if not (lo > -np.inf and hi < np.inf):
-            raise WireError(f"{where}: log-probs must be finite")
-        if not hi <= 1e-3:
-            raise WireError(f"{where}: log-probs must be <= 0")
-    return a
+    def array(self, obj: Any, where: str, dtype: str, ndim: int) -> np.ndarray:
+        """One packed array as a read-only view; `where` names the field."""
+        if not isinstance(obj, dict) or obj.keys() != _ARRAY_KEYS:
+            raise WireError(f"{where}: expected an array map with dtype, shape, offset")
+        if obj["dtype"] != dtype:
+            raise WireError(f"{where}: dtype {obj['dtype']!r}, expected {dtype!r}")
+        shape, offset = obj["shape"], obj["offset"]
+        if not isinstance(shape, list) or len(shape) != ndim or not all(
+            type(s) is int and s >= 0 for s in shape
+        ):
+            raise WireError(f"{where}: shape {shape!r} is not {ndim} non-negative ints")
+        want = math.prod(shape) * _ITEMSIZE[dtype]
+        if type(offset) is not int or offset < 0 or offset + want > len(self.blob):
+            raise WireError(f"{where}: offset {offset!r} + {want} data bytes (shape {shape}) "
+                            f"is outside the {len(self.blob)}-byte blob")
+        if want == 0:
+            return np.zeros(shape, _DTYPES[dtype])
+        count = want // _ITEMSIZE[dtype]
+        return np.frombuffer(self.blob, _DTYPES[dtype], count, offset).reshape(shape)
+
+    def logprobs(self, obj: Any, where: str, ndim: int) -> np.ndarray:
+        """A float32 array of log-probs: finite and <= 0 (1e-3 rounding slack)."""
+        a = self.array(obj, where, "float32", ndim)
+        if a.size:
+            lo, hi = a.min(), a.max()  # two reductions, no temporaries; NaN fails both tests
+            if not (lo > -np.inf and hi < np.inf):
+                raise WireError(f"{where}: log-probs must be finite")
+            if not hi <= 1e-3:
+                raise WireError(f"{where}: log-probs must be <= 0")
+        return a
+
+    def optional(self, d: dict[str, Any], key: str, where: str, dtype: str, ndim: int) -> np.ndarray | None:
+        """An array field that may be nil or absent."""
+        if d.get(key) is None:
+            return None
+        if dtype == "float32":
+            return self.logprobs(d[key], f"{where}.{key}", ndim)
+        return self.array(d[key], f"{where}.{key}", dtype, ndim)
 
 
 def _get(d: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
@@ -85,8 +119,8 @@ def _get(d: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) 
     return value
 
 
-def _opt_array(d: dict[str, Any], key: str, where: str, ndim: int) -> np.ndarray | None:
-    return None if d.get(key) is None else _logprobs(d[key], f"{where}.{key}", ndim)
+def _opt(w: ArrayWriter, a: np.ndarray | None, dtype: type) -> dict[str, Any] | None:
+    return None if a is None else w.add(np.asarray(a, dtype))
 
 
 # ---------------------------------------------------------------- messages
@@ -102,18 +136,18 @@ class Prompt:
     weight_version: int  # learner version when the prompt was enqueued
     created_at: float = field(default_factory=time.time)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, w: ArrayWriter) -> dict[str, Any]:
         return {
             "prompt_id": self.prompt_id,
-            "prompt_ids": pack_array(np.asarray(self.prompt_ids_P, np.int32)),
+            "prompt_ids": w.add(np.asarray(self.prompt_ids_P, np.int32)),
             "answer": self.answer,
             "weight_version": self.weight_version,
             "created_at": self.created_at,
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "prompt") -> Prompt:
-        ids = unpack_array(d.get("prompt_ids"), f"{where}.prompt_ids", "int32", 1)
+    def from_dict(cls, d: dict[str, Any], r: ArrayReader, where: str = "prompt") -> Prompt:
+        ids = r.array(d.get("prompt_ids"), f"{where}.prompt_ids", "int32", 1)
         if ids.size == 0:
             raise WireError(f"{where}.prompt_ids: empty prompt")
         return cls(
@@ -150,43 +184,33 @@ class Trajectory:
     def num_tokens(self) -> int:
         return int(self.completion_ids_T.shape[0])
 
-    def to_dict(self) -> dict[str, Any]:
-        d = {
+    def to_dict(self, w: ArrayWriter) -> dict[str, Any]:
+        both = self.mc_ids_TN is not None and self.mc_logprobs_TN is not None
+        return {
             "traj_id": self.traj_id,
-            "prompt": self.prompt.to_dict(),
-            "completion_ids": pack_array(np.asarray(self.completion_ids_T, np.int32)),
-            "behaviour_logprobs": pack_array(np.asarray(self.behaviour_logprobs_T, np.float32)),
-            "token_versions": pack_array(np.asarray(self.token_versions_T, np.int32)),
-            "mc_ids": None,
-            "mc_logprobs": None,
+            "prompt": self.prompt.to_dict(w),
+            "completion_ids": w.add(np.asarray(self.completion_ids_T, np.int32)),
+            "behaviour_logprobs": w.add(np.asarray(self.behaviour_logprobs_T, np.float32)),
+            "token_versions": w.add(np.asarray(self.token_versions_T, np.int32)),
+            "mc_ids": _opt(w, self.mc_ids_TN if both else None, np.int32),
+            "mc_logprobs": _opt(w, self.mc_logprobs_TN if both else None, np.float32),
             "finish_reason": self.finish_reason,
             "replica": self.replica,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
         }
-        if self.mc_ids_TN is not None and self.mc_logprobs_TN is not None:
-            d["mc_ids"] = pack_array(np.asarray(self.mc_ids_TN, np.int32))
-            d["mc_logprobs"] = pack_array(np.asarray(self.mc_logprobs_TN, np.float32))
-        return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "trajectory") -> Trajectory:
-        prompt = Prompt.from_dict(_get(d, "prompt", dict, where), f"{where}.prompt")
-        ids = unpack_array(d.get("completion_ids"), f"{where}.completion_ids", "int32", 1)
+    def from_dict(cls, d: dict[str, Any], r: ArrayReader, where: str = "trajectory") -> Trajectory:
+        prompt = Prompt.from_dict(_get(d, "prompt", dict, where), r, f"{where}.prompt")
         t = Trajectory(
             traj_id=_get(d, "traj_id", str, where),
             prompt=prompt,
-            completion_ids_T=ids,
-            behaviour_logprobs_T=_logprobs(
-                d.get("behaviour_logprobs"), f"{where}.behaviour_logprobs", 1
-            ),
-            token_versions_T=unpack_array(
-                d.get("token_versions"), f"{where}.token_versions", "int32", 1
-            ),
-            mc_ids_TN=None
-            if d.get("mc_ids") is None
-            else unpack_array(d["mc_ids"], f"{where}.mc_ids", "int32", 2),
-            mc_logprobs_TN=_opt_array(d, "mc_logprobs", where, 2),
+            completion_ids_T=r.array(d.get("completion_ids"), f"{where}.completion_ids", "int32", 1),
+            behaviour_logprobs_T=r.logprobs(d.get("behaviour_logprobs"), f"{where}.behaviour_logprobs", 1),
+            token_versions_T=r.array(d.get("token_versions"), f"{where}.token_versions", "int32", 1),
+            mc_ids_TN=r.optional(d, "mc_ids", where, "int32", 2),
+            mc_logprobs_TN=r.optional(d, "mc_logprobs", where, "float32", 2),
             finish_reason=_get(d, "finish_reason", str, where),
             replica=_get(d, "replica", str, where),
             started_at=float(_get(d, "started_at", (int, float), where)),
@@ -228,41 +252,33 @@ class TeacherScores:
     replica: str = ""
     scored_at: float = 0.0
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, w: ArrayWriter) -> dict[str, Any]:
         return {
-            "topk_ids": pack_array(np.asarray(self.topk_ids_TK, np.int32)),
-            "topk_logprobs": pack_array(np.asarray(self.topk_logprobs_TK, np.float32)),
-            "tail_mass": pack_array(np.asarray(self.tail_mass_T, np.float32)),
-            "sampled_logprobs": pack_array(np.asarray(self.sampled_logprobs_T, np.float32)),
-            "mc_logprobs": None
-            if self.mc_logprobs_TN is None
-            else pack_array(np.asarray(self.mc_logprobs_TN, np.float32)),
-            "draw_ids": None if self.draw_ids_TN is None else pack_array(np.asarray(self.draw_ids_TN, np.int32)),
-            "draw_logprobs": None
-            if self.draw_logprobs_TN is None
-            else pack_array(np.asarray(self.draw_logprobs_TN, np.float32)),
+            "topk_ids": w.add(np.asarray(self.topk_ids_TK, np.int32)),
+            "topk_logprobs": w.add(np.asarray(self.topk_logprobs_TK, np.float32)),
+            "tail_mass": w.add(np.asarray(self.tail_mass_T, np.float32)),
+            "sampled_logprobs": w.add(np.asarray(self.sampled_logprobs_T, np.float32)),
+            "mc_logprobs": _opt(w, self.mc_logprobs_TN, np.float32),
+            "draw_ids": _opt(w, self.draw_ids_TN, np.int32),
+            "draw_logprobs": _opt(w, self.draw_logprobs_TN, np.float32),
             "teacher": self.teacher,
             "replica": self.replica,
             "scored_at": self.scored_at,
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "teacher") -> TeacherScores:
-        tail = unpack_array(d.get("tail_mass"), f"{where}.tail_mass", "float32", 1)
-        if not np.isfinite(tail).all() or (tail < 0).any() or (tail > 1).any():
+    def from_dict(cls, d: dict[str, Any], r: ArrayReader, where: str = "teacher") -> TeacherScores:
+        tail = r.array(d.get("tail_mass"), f"{where}.tail_mass", "float32", 1)
+        if tail.size and not (tail.min() >= 0 and tail.max() <= 1):  # NaN fails both
             raise WireError(f"{where}.tail_mass: must be finite and in [0, 1]")
         return cls(
-            topk_ids_TK=unpack_array(d.get("topk_ids"), f"{where}.topk_ids", "int32", 2),
-            topk_logprobs_TK=_logprobs(d.get("topk_logprobs"), f"{where}.topk_logprobs", 2),
+            topk_ids_TK=r.array(d.get("topk_ids"), f"{where}.topk_ids", "int32", 2),
+            topk_logprobs_TK=r.logprobs(d.get("topk_logprobs"), f"{where}.topk_logprobs", 2),
             tail_mass_T=tail,
-            sampled_logprobs_T=_logprobs(
-                d.get("sampled_logprobs"), f"{where}.sampled_logprobs", 1
-            ),
-            mc_logprobs_TN=_opt_array(d, "mc_logprobs", where, 2),
-            draw_ids_TN=None
-            if d.get("draw_ids") is None
-            else unpack_array(d["draw_ids"], f"{where}.draw_ids", "int32", 2),
-            draw_logprobs_TN=_opt_array(d, "draw_logprobs", where, 2),
+            sampled_logprobs_T=r.logprobs(d.get("sampled_logprobs"), f"{where}.sampled_logprobs", 1),
+            mc_logprobs_TN=r.optional(d, "mc_logprobs", where, "float32", 2),
+            draw_ids_TN=r.optional(d, "draw_ids", where, "int32", 2),
+            draw_logprobs_TN=r.optional(d, "draw_logprobs", where, "float32", 2),
             teacher=_get(d, "teacher", str, where),
             replica=_get(d, "replica", str, where),
             scored_at=float(_get(d, "scored_at", (int, float), where)),
@@ -280,13 +296,13 @@ class ScoredTrajectory:
     def weight_version(self) -> int:
         return self.trajectory.weight_version
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"trajectory": self.trajectory.to_dict(), "teacher": self.scores.to_dict()}
+    def to_dict(self, w: ArrayWriter) -> dict[str, Any]:
+        return {"trajectory": self.trajectory.to_dict(w), "teacher": self.scores.to_dict(w)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "scored") -> ScoredTrajectory:
-        traj = Trajectory.from_dict(_get(d, "trajectory", dict, where), f"{where}.trajectory")
-        scores = TeacherScores.from_dict(_get(d, "teacher", dict, where), f"{where}.teacher")
+    def from_dict(cls, d: dict[str, Any], r: ArrayReader, where: str = "scored") -> ScoredTrajectory:
+        traj = Trajectory.from_dict(_get(d, "trajectory", dict, where), r, f"{where}.trajectory")
+        scores = TeacherScores.from_dict(_get(d, "teacher", dict, where), r, f"{where}.teacher")
         n, s = traj.num_tokens, scores
         if s.topk_ids_TK.shape[0] != n or s.topk_logprobs_TK.shape != s.topk_ids_TK.shape:
             raise WireError(f"{where}.teacher: top-k arrays must be ({n}, k) and equal shape")
@@ -310,11 +326,11 @@ class WeightAnnouncement:
     path: str  # directory holding model.safetensors (+ config.json)
     published_at: float = field(default_factory=time.time)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, w: ArrayWriter) -> dict[str, Any]:
         return {"path": self.path, "published_at": self.published_at}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "weights") -> WeightAnnouncement:
+    def from_dict(cls, d: dict[str, Any], r: ArrayReader, where: str = "weights") -> WeightAnnouncement:
         return cls(
             weight_version=_get(d, "weight_version", int, where),
             path=_get(d, "path", str, where),
@@ -334,12 +350,62 @@ _KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
 
 # ---------------------------------------------------------------- envelope
 
+_BIN = {0xC4: 1, 0xC5: 2, 0xC6: 4}  # msgpack bin8/16/32 marker -> length bytes
+
 
 def encode(msg: Message) -> bytes:
-    """Message -> msgpack bytes: {"schema", "kind", "weight_version", **fields}."""
-    body = msg.to_dict()
-    body.update(schema=SCHEMA_VERSION, kind=_KIND_OF[type(msg)], weight_version=msg.weight_version)
-    return msgpack.packb(body, use_bin_type=True)
+    """Message -> msgpack [header, blob]; one copy of the array data, into the result."""
+    w = ArrayWriter()
+    header = msg.to_dict(w)
+    header.update(schema=SCHEMA_VERSION, kind=_KIND_OF[type(msg)], weight_version=msg.weight_version,
+                  align=b"")
+    packed = msgpack.packb(header, use_bin_type=True)
+    if pad := -(1 + len(packed) + 5) % 8:  # start the blob's data on an 8-byte boundary
+        header["align"] = bytes(pad)  # bin8 of 0..7 bytes: the header grows by exactly pad
+        packed = msgpack.packb(header, use_bin_type=True)
+    return b"".join([b"\x92", packed, b"\xc6", w.size.to_bytes(4, "big"), *w.parts])
+
+
+def _check_schema(header: dict[str, Any]) -> None:
+    if (schema := header.get("schema")) != SCHEMA_VERSION:
+        raise WireError(f"unknown schema version {schema!r}; this build reads {SCHEMA_VERSION}")
+
+
+def _split(view: memoryview) -> tuple[Any, memoryview]:
+    """[header, blob] -> (header object, zero-copy view of the blob's bytes)."""
+    if not len(view) or view[0] != 0x92:
+        try:  # name the schema of a well-formed message from another version
+            other = msgpack.unpackb(view, raw=False, strict_map_key=True)
+        except Exception:  # msgpack raises several unrelated exception types
+            other = None
+        if isinstance(other, dict):
+            _check_schema(other)
+        raise WireError("not valid msgpack: expected a [header, blob] array")
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=len(view))
+    fed, chunk = 1, 4096
+    while True:  # feed only as much as the header needs
+        unpacker.feed(view[fed:fed + chunk])
+        fed, chunk = min(len(view), fed + chunk), chunk * 4
+        try:
+            header = unpacker.unpack()
+            break
+        except msgpack.OutOfData:
+            if fed >= len(view):
+                raise WireError("not valid msgpack: truncated header") from None
+        except Exception as e:
+            raise WireError(f"not valid msgpack: {e}") from e
+    if not isinstance(header, dict):
+        raise WireError(f"header is a {type(header).__name__}, not a map")
+    _check_schema(header)
+    at = 1 + unpacker.tell()
+    width = _BIN.get(view[at]) if at < len(view) else None
+    if width is None:
+        raise WireError("not valid msgpack: the second element is not a bin blob")
+    start = at + 1 + width
+    size = int.from_bytes(view[at + 1:start], "big")
+    if start + size != len(view):
+        raise WireError(f"blob of {size} bytes does not end the {len(view)}-byte payload")
+    return header, view[start:]
 
 
 def decode(payload: bytes, expect: type[Message] | None = None) -> Message:
@@ -348,22 +414,14 @@ def decode(payload: bytes, expect: type[Message] | None = None) -> Message:
         raise WireError(f"payload is {type(payload).__name__}, not bytes")
     if len(payload) > MAX_MESSAGE_BYTES:
         raise WireError(f"payload of {len(payload)} bytes exceeds {MAX_MESSAGE_BYTES}")
-    try:
-        body = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-    except Exception as e:  # msgpack raises several unrelated exception types
-        raise WireError(f"not valid msgpack: {e}") from e
-    if not isinstance(body, dict):
-        raise WireError(f"message is a {type(body).__name__}, not a map")
-    schema = body.get("schema")
-    if schema != SCHEMA_VERSION:
-        raise WireError(f"unknown schema version {schema!r}; this build reads {SCHEMA_VERSION}")
-    kind = body.get("kind")
+    header, blob = _split(memoryview(payload).cast("B"))
+    kind = header.get("kind")
     cls = _KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise WireError(f"unknown message kind {kind!r}; known: {sorted(_KINDS)}")
     if expect is not None and cls is not expect:
         raise WireError(f"got a {kind!r} message, expected {_KIND_OF[expect]!r}")
-    msg = cls.from_dict(body, kind)
-    if _get(body, "weight_version", int, kind) != msg.weight_version:
+    msg = cls.from_dict(header, ArrayReader(blob), kind)
+    if _get(header, "weight_version", int, kind) != msg.weight_version:
         raise WireError(f"{kind}: envelope weight_version disagrees with the payload")
     return msg

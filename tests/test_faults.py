@@ -21,6 +21,7 @@ import pytest
 from services.launcher import Launcher
 from shared.redis_server import EmbeddedRedis
 from shared.streams import Keys, connect, produce
+from shared.wire import SCHEMA_VERSION
 
 pytestmark = [pytest.mark.smoke, pytest.mark.redis]
 STEPS, BATCH = 14, 8
@@ -45,7 +46,7 @@ KEYS = Keys("faults")
 
 
 def malformed() -> list[bytes]:
-    good_shape = {"schema": 1, "kind": "scored", "weight_version": 0}
+    good_shape = [{"schema": SCHEMA_VERSION, "kind": "scored", "weight_version": 0}, b""]
     return [b"\xc1garbage", msgpack.packb({"schema": 99, "kind": "scored"}),
             msgpack.packb(good_shape), b"x" * 10]
 

@@ -54,35 +54,64 @@ def test_prompt_and_weights_round_trip():
 
 
 def test_envelope_carries_schema_and_version():
-    body = msgpack.unpackb(encode(make_scored(version=11)))
-    assert body["schema"] == SCHEMA_VERSION and body["kind"] == "scored"
-    assert body["weight_version"] == 11
-    arr = body["trajectory"]["completion_ids"]
-    assert arr["dtype"] == "int32" and arr["shape"] == [5] and isinstance(arr["data"], bytes)
+    header, blob = msgpack.unpackb(encode(make_scored(version=11)))
+    assert header["schema"] == SCHEMA_VERSION == 2 and header["kind"] == "scored"
+    assert header["weight_version"] == 11
+    arr = header["trajectory"]["completion_ids"]
+    assert arr["dtype"] == "int32" and arr["shape"] == [5] and arr["offset"] % 8 == 0
+    ids = np.frombuffer(blob, "<i4", 5, arr["offset"])
+    assert np.array_equal(ids, make_scored().trajectory.completion_ids_T)
 
 
-def tamper(mutate) -> bytes:
-    body = msgpack.unpackb(encode(make_scored()))
-    mutate(body)
-    return msgpack.packb(body, use_bin_type=True)
+def test_decode_is_zero_copy_and_aligned():
+    payload = encode(make_scored(t=33, k=7))
+    back = decode(payload, ScoredTrajectory)
+    base = np.frombuffer(payload, np.uint8)
+    for a in (back.trajectory.completion_ids_T, back.scores.topk_ids_TK, back.scores.topk_logprobs_TK,
+              back.trajectory.mc_logprobs_TN):
+        assert np.shares_memory(a, base) and a.ctypes.data % 8 == 0 and not a.flags.writeable
+
+
+def tamper(mutate, blob_mutate=None) -> bytes:
+    header, blob = msgpack.unpackb(encode(make_scored()))
+    mutate(header)
+    if blob_mutate is not None:
+        blob = blob_mutate(header, bytearray(blob))
+    return msgpack.packb([header, bytes(blob)], use_bin_type=True)
+
+
+def put(field: tuple[str, str], values: np.ndarray):
+    """A blob mutation that overwrites one array's bytes."""
+    def mutate(header, blob):
+        arr = header[field[0]][field[1]]
+        raw = values.tobytes()
+        blob[arr["offset"]:arr["offset"] + len(raw)] = raw
+        return blob
+    return mutate
 
 
 @pytest.mark.parametrize("payload, message", [
     (b"\xc1\x00garbage", "not valid msgpack"),
-    (msgpack.packb([1, 2]), "not a map"),
+    (msgpack.packb([1, 2]), "header is a int"),
+    (msgpack.packb({"schema": 1, "kind": "prompt"}), "unknown schema version 1; this build reads 2"),
+    (msgpack.packb([{"schema": 2}, 5]), "not a bin blob"),
+    (encode(make_scored())[:-1], "does not end"),
+    (encode(make_scored()) + b"\0", "does not end"),
     (tamper(lambda b: b.update(schema=99)), "unknown schema version 99"),
     (tamper(lambda b: b.pop("schema")), "unknown schema version None"),
     (tamper(lambda b: b.update(kind="bogus")), "unknown message kind"),
     (tamper(lambda b: b["trajectory"].pop("traj_id")), "missing field 'traj_id'"),
-    (tamper(lambda b: b["trajectory"]["completion_ids"].update(shape=[6])), "data bytes"),
+    (tamper(lambda b: b["trajectory"]["completion_ids"].update(offset=10**6)), "outside the"),
+    (tamper(lambda b: b["trajectory"]["completion_ids"].update(offset=-4)), "outside the"),
     (tamper(lambda b: b["trajectory"]["completion_ids"].update(dtype="float32")), "dtype"),
-    (tamper(lambda b: b["teacher"]["topk_ids"].update(shape=[4, 5], data=b"\0" * 80)), "top-k arrays"),
+    (tamper(lambda b: b["trajectory"]["completion_ids"].update(data=b"")), "dtype, shape, offset"),
+    (tamper(lambda b: b["teacher"]["topk_ids"].update(shape=[4, 5])), "top-k arrays"),
     (tamper(lambda b: b["teacher"].update(mc_logprobs=None)), "mc_logprobs"),
     (tamper(lambda b: b["teacher"].update(draw_logprobs=None)), "draw_ids/draw_logprobs"),
-    (tamper(lambda b: b["trajectory"]["behaviour_logprobs"].update(
-        data=np.array([0, np.nan, 0, 0, 0], np.float32).tobytes())), "finite"),
-    (tamper(lambda b: b["teacher"]["sampled_logprobs"].update(
-        data=np.array([0, 2.0, 0, 0, 0], np.float32).tobytes())), "<= 0"),
+    (tamper(lambda b: None, put(("trajectory", "behaviour_logprobs"), np.array([0, np.nan], np.float32))),
+     "finite"),
+    (tamper(lambda b: None, put(("teacher", "sampled_logprobs"), np.array([0, 2.0], np.float32))), "<= 0"),
+    (tamper(lambda b: None, put(("teacher", "tail_mass"), np.array([1.5], np.float32))), r"in \[0, 1\]"),
     (tamper(lambda b: b.update(weight_version=0)), "disagrees"),
     (tamper(lambda b: b["trajectory"].update(traj_id=5)), "traj_id"),
 ])
@@ -100,11 +129,23 @@ def test_wrong_kind_and_oversize_rejected(monkeypatch):
 
 
 def test_empty_mc_sample_axis_rejected():
-    body = msgpack.unpackb(encode(make_scored()))
-    for arr in (body["trajectory"]["mc_ids"], body["trajectory"]["mc_logprobs"], body["teacher"]["mc_logprobs"]):
-        arr.update(shape=[5, 0], data=b"")
+    def empty(header):
+        for arr in (header["trajectory"]["mc_ids"], header["trajectory"]["mc_logprobs"],
+                    header["teacher"]["mc_logprobs"]):
+            arr.update(shape=[5, 0])
     with pytest.raises(WireError, match="N >= 1"):
-        decode(msgpack.packb(body, use_bin_type=True))
+        decode(tamper(empty))
+
+
+def test_large_header_and_empty_arrays_round_trip():
+    """Headers longer than the first feed chunk, and zero-size arrays, decode exactly."""
+    p = Prompt("x" * 100_000, np.array([1], np.int32), "y" * 50_000, weight_version=1)
+    assert_arrays_equal(p, decode(encode(p), Prompt))
+    msg = make_scored()
+    msg.scores.topk_ids_TK = np.zeros((5, 0), np.int32)
+    msg.scores.topk_logprobs_TK = np.zeros((5, 0), np.float32)
+    back = decode(encode(msg), ScoredTrajectory)
+    assert back.scores.topk_ids_TK.shape == (5, 0)
 
 
 def test_mc_column_zero_must_be_sampled_token():
