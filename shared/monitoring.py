@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -59,6 +60,10 @@ class ServiceMetrics:
                                     list(labels), registry=r).labels(**labels)
         self.busy = Counter("opd_busy_seconds_total", "Seconds spent in the compute stage",
                             list(labels), registry=r).labels(**labels)
+        self.overhead = Counter("opd_overhead_seconds_total",
+                                "Seconds of pipeline work outside the compute stage, by part "
+                                "(codec: encode/decode; weights: save, announce, load; checkpoint)",
+                                [*labels, "part"], registry=r)
         self.batch_seconds = Histogram(
             "opd_batch_seconds", "Wall time of one compute batch", list(labels), registry=r,
             buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100)).labels(**labels)
@@ -67,6 +72,20 @@ class ServiceMetrics:
     def value(self, sample: str) -> float:
         """Current value of one of this replica's samples (0 if never set)."""
         return self.registry.get_sample_value(sample, self._labels) or 0.0
+
+    @contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        """Add the block's wall time to opd_overhead_seconds_total{part}."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.overhead.labels(**self._labels, part=part).inc(time.perf_counter() - started)
+
+    def overhead_s(self) -> dict[str, float]:
+        """Seconds per overhead part so far."""
+        return {s.labels["part"]: s.value for metric in self.overhead.collect() for s in metric.samples
+                if s.name.endswith("_total")}
 
     def error(self, kind: str) -> None:
         self.errors.labels(**self._labels, kind=kind).inc()

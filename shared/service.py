@@ -46,6 +46,7 @@ class Context:
         m = self.metrics
         status = {"service": self.name, "busy_s": m.value("opd_busy_seconds_total"),
                   "items": m.value("opd_items_total"), "tokens": m.value("opd_tokens_total"),
+                  "overhead_s": m.overhead_s(),
                   "state": self.heartbeat.state, "at": time.time(), **info}
         self.client.hset(self.keys.replicas, self.settings.replica, json.dumps(status))
 
@@ -111,7 +112,8 @@ def decode_batch(
     dead = 0
     for entry in entries:
         try:
-            msg = decode(entry.payload, expect)
+            with ctx.metrics.timed("codec"):
+                msg = decode(entry.payload, expect)
             check(msg)
         except WireError as e:
             if consumer.dead_letter(ctx.keys.dead, entry, str(e)):

@@ -449,6 +449,8 @@ def exported_metrics() -> tuple[set[str], set[str]]:
         metrics = ServiceMetrics(service, "replica-0")
         metrics.error("invalid_message")
         metrics.depth("opd:run:trajectories", 1)
+        with metrics.timed("codec"):
+            pass
         if service == "learner":
             ctx = SimpleNamespace(metrics=metrics, settings=SimpleNamespace(replica="replica-0"))
             lm = LearnerMetrics(ctx)

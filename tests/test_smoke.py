@@ -74,6 +74,11 @@ def test_services_train_for_a_few_steps(tmp_path: Path, redis_server, client):
     assert stats["status"] == "finished" and int(stats["trained_trajectories"]) == 8 * STEPS
     staleness = json.loads(stats["staleness"])
     assert staleness["max"] <= 1 and sum(staleness["histogram"].values()) == 8 * STEPS
+    reports = {r["service"]: r for r in map(json.loads, client.hgetall(keys.replicas).values())}
+    for service, parts in {"rollout": ("codec", "weights"), "teacher": ("codec",),
+                           "learner": ("codec", "weights", "checkpoint")}.items():
+        assert reports[service]["busy_s"] > 0
+        assert all(reports[service]["overhead_s"][part] > 0 for part in parts), reports[service]
     for stream_name, group in GROUPS.items():
         stream = getattr(keys, stream_name)
         assert client.xpending(stream, group)["pending"] == 0, f"{stream} has pending entries"

@@ -80,6 +80,8 @@ def pipeline(url: str, s: BenchSettings) -> dict[str, Any]:
              ("achieved / bound", f"{c['fraction_of_bound']:.0%}"),
              ("sync overhead share", f"{c['sync_overhead_share']:.1%} of step "
               f"({c['sync_step_s'] - c['sync_stage_sum_s']:.3f}s / {c['sync_step_s']:.3f}s)"),
+             *[(f"  {part}", f"{s:.4f}s = {s / c['sync_step_s']:.1%} of step")
+               for part, s in c["sync_overhead_parts_s"].items()],
              ("weight broadcast (async)", f"mean {async_['weight_lag_mean_s'] or 0:.3f}s, "
               f"max {async_['weight_lag_max_s'] or 0:.3f}s")]
     print(table("pipeline: async vs synchronous", rows), flush=True)

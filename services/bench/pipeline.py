@@ -5,7 +5,9 @@ max_staleness = 0 (synchronous) and max_staleness = S (asynchronous). Throughput
 steps 2..N (start-up excluded). Per-stage busy time per step comes from each replica's
 status report (R rollout, T teacher, L learner): the ideal async speed-up of a pipeline
 over the synchronous loop is (R+T+L)/max(R,T,L); the synchronous step time beyond R+T+L
-is pipeline overhead (encoding, Redis, scheduling).
+is pipeline overhead, split into the parts the services time themselves (codec: encode and
+decode; weights: save + announce + load; checkpoint) and the rest: Redis round trips,
+wake-ups and scheduling.
 """
 
 from __future__ import annotations
@@ -62,12 +64,15 @@ def summarize(stats: dict[str, str], replicas: list[dict[str, Any]], max_stalene
     tokens = int(stats["trained_tokens"]) - int(stats["first_step_tokens"])
     busy = {svc: sum(r["busy_s"] for r in replicas if r["service"] == svc) / steps
             for svc in ("rollout", "teacher", "learner")}
+    parts = {part for r in replicas for part in r.get("overhead_s", {})}
+    overhead = {part: sum(r.get("overhead_s", {}).get(part, 0.0) for r in replicas) / steps
+                for part in sorted(parts)}
     lags = [r for r in replicas if r["service"] == "rollout" and r.get("weight_loads")]
     return {
         "max_staleness": max_staleness, "steps": steps, "measured_steps": steps - 1,
         "seconds": span, "step_s": span / max(1, steps - 1),
         "trajectories_per_s": trajs / span, "tokens_per_s": tokens / span,
-        "busy_per_step_s": busy,
+        "busy_per_step_s": busy, "overhead_per_step_s": overhead,
         "weight_lag_mean_s": sum(r["weight_lag_mean_s"] * r["weight_loads"] for r in lags)
         / max(1, sum(r["weight_loads"] for r in lags)),
         "weight_lag_max_s": max((r["weight_lag_max_s"] for r in lags), default=None),
@@ -81,6 +86,10 @@ def compare(sync: dict[str, Any], async_: dict[str, Any]) -> dict[str, Any]:
     stages = b["rollout"] + b["teacher"] + b["learner"]
     bound = stages / max(b.values())
     speedup = async_["trajectories_per_s"] / sync["trajectories_per_s"]
+    step = sync["step_s"]
+    parts = dict(sync["overhead_per_step_s"])
+    parts["redis, wake-ups, scheduling"] = step - stages - sum(parts.values())
     return {"speedup": speedup, "ideal_bound": bound, "fraction_of_bound": speedup / bound,
-            "sync_stage_sum_s": stages, "sync_step_s": sync["step_s"],
-            "sync_overhead_share": max(0.0, sync["step_s"] - stages) / sync["step_s"]}
+            "sync_stage_sum_s": stages, "sync_step_s": step,
+            "sync_overhead_share": max(0.0, step - stages) / step,
+            "sync_overhead_parts_s": parts}

@@ -169,6 +169,7 @@ class LearnerWorker:
         self.ctx.heartbeat.beat("training")
         started = time.perf_counter()
         metrics = self.trainer.step(batch)
+        elapsed = time.perf_counter() - started
         for msg in batch:
             self.lm.staleness.observe(self.tracker.record(self.version, msg.weight_version))
         self.consumed.update((m.trajectory.traj_id, self.version) for m in batch)
@@ -177,7 +178,6 @@ class LearnerWorker:
         self._publish()
         if self.version % self.s.checkpoint_every == 0:
             self._checkpoint()
-        elapsed = time.perf_counter() - started
         self._account(batch, metrics, elapsed)
 
     def _account(self, batch: list[ScoredTrajectory], metrics: dict[str, float], elapsed: float) -> None:
@@ -208,9 +208,10 @@ class LearnerWorker:
                  self.tracker.summary()["histogram"])
 
     def _publish(self) -> None:
-        path = save_version(self.model, self.s.weights_dir, self.version)
-        announce(self.ctx.client, self.ctx.keys, self.version, path)
-        prune_versions(self.s.weights_dir, self.s.keep_versions, self.version)
+        with self.ctx.metrics.timed("weights"):
+            path = save_version(self.model, self.s.weights_dir, self.version)
+            announce(self.ctx.client, self.ctx.keys, self.version, path)
+            prune_versions(self.s.weights_dir, self.s.keep_versions, self.version)
         self.ctx.metrics.weight_version.set(self.version)
 
     def _write_stats(self, metrics: dict[str, float], sample_accuracy: float, status: str = "running") -> None:
@@ -240,7 +241,8 @@ class LearnerWorker:
         state = {"consumed": self.consumed, "stats": self.stats, "prompts_fed": self.feeder.fed,
                  "tracker": {"trained": dict(self.tracker.trained), "dropped_stale": self.tracker.dropped_stale,
                              "dropped_foreign": self.tracker.dropped_foreign}}
-        checkpoint.save(self.checkpoint_dir, self.version, self.model, self.trainer.optimizer, state)
+        with self.ctx.metrics.timed("checkpoint"):
+            checkpoint.save(self.checkpoint_dir, self.version, self.model, self.trainer.optimizer, state)
         assert self.consumer is not None
         self.consumer.ack(self.unacked)
         self.unacked = []

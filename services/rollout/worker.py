@@ -92,7 +92,9 @@ class RolloutWorker:
         self.refresh_weights()
         self.ctx.heartbeat.beat("generating")
         trajectories = self._generate(prompts)
-        self.consumer.hand_off(ids, self.ctx.keys.trajectories, [encode(t) for t in trajectories])
+        with self.ctx.metrics.timed("codec"):
+            payloads = [encode(t) for t in trajectories]
+        self.consumer.hand_off(ids, self.ctx.keys.trajectories, payloads)
         m = self.ctx.metrics
         m.items.inc(len(trajectories))
         m.tokens.inc(sum(t.num_tokens for t in trajectories))
@@ -131,7 +133,8 @@ class RolloutWorker:
             if ann is None or ann.published_at == self.published_at:
                 return
             try:
-                self.backend.load_weights(ann.path)
+                with self.ctx.metrics.timed("weights"):
+                    self.backend.load_weights(ann.path)
             except FileNotFoundError:
                 time.sleep(0.05)  # pruned while we looked: a newer pointer exists
                 continue

@@ -64,7 +64,8 @@ class TeacherWorker:
         started = time.perf_counter()
         scores = self.backend.score(trajs)
         elapsed = time.perf_counter() - started
-        payloads = [encode(ScoredTrajectory(t, s)) for t, s in zip(trajs, scores)]
+        with self.ctx.metrics.timed("codec"):
+            payloads = [encode(ScoredTrajectory(t, s)) for t, s in zip(trajs, scores)]
         self.consumer.hand_off(ids, self.ctx.keys.scored, payloads)
         m = self.ctx.metrics
         m.busy.inc(elapsed)
