@@ -41,15 +41,18 @@ class Context:
         self.client: redis.Redis = connect(settings.redis_url)
         self.metrics = ServiceMetrics(name, settings.replica)
         self.heartbeat = Heartbeat(settings.health_max_age_s)
+        self._report_lock = threading.Lock()  # the loop and the report thread both report
 
     def report(self, info: dict[str, Any]) -> None:
-        """Write this replica's counters to the run's `replicas` hash (read by demo and bench)."""
+        """Write this replica's counters to the run's `replicas` hash (read by demo and bench):
+        after each batch and every 2 s. Never an older snapshot over a newer one."""
         m = self.metrics
-        status = {"service": self.name, "busy_s": m.value("opd_busy_seconds_total"),
-                  "items": m.value("opd_items_total"), "tokens": m.value("opd_tokens_total"),
-                  "overhead_s": m.overhead_s(),
-                  "state": self.heartbeat.state, "at": time.time(), **info}
-        self.client.hset(self.keys.replicas, self.settings.replica, json.dumps(status))
+        with self._report_lock:
+            status = {"service": self.name, "busy_s": m.value("opd_busy_seconds_total"),
+                      "items": m.value("opd_items_total"), "tokens": m.value("opd_tokens_total"),
+                      "overhead_s": m.overhead_s(),
+                      "state": self.heartbeat.state, "at": time.time(), **info}
+            self.client.hset(self.keys.replicas, self.settings.replica, json.dumps(status))
 
 
 def _report_loop(ctx: Context, worker: Worker, stop: threading.Event, every_s: float = 2.0) -> None:

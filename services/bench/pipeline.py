@@ -2,8 +2,9 @@
 
 Runs the real services (same launcher as `opd demo`) twice with identical settings:
 max_staleness = 0 (synchronous) and max_staleness = S (asynchronous). Throughput counts
-steps 2..N (start-up excluded). Per-stage busy time per step comes from each replica's
-status report (R rollout, T teacher, L learner): the ideal async speed-up of a pipeline
+steps 2..N (start-up excluded). Per-stage busy time per step, over the same steps, comes from
+each replica's status report (R rollout, T teacher, L learner; the learner snapshots all
+reports at its first and last steps): the ideal async speed-up of a pipeline
 over the synchronous loop is (R+T+L)/max(R,T,L); the synchronous step time beyond R+T+L
 is pipeline overhead, split into the parts the services time themselves (codec: encode and
 decode; weights: save + announce + load; checkpoint) and the rest: Redis round trips,
@@ -53,24 +54,40 @@ def run_mode(url: str, max_staleness: int, s: Any, run_dir: Path) -> dict[str, A
         launcher.stop(grace_s=15)
     client = connect(url)
     stats = read_stats(client, Keys(run))
-    replicas = [json.loads(v) for v in client.hgetall(Keys(run).replicas).values()]
+    replicas = {k.decode(): json.loads(v) for k, v in client.hgetall(Keys(run).replicas).items()}
     return summarize(stats, replicas, max_staleness)
 
 
-def summarize(stats: dict[str, str], replicas: list[dict[str, Any]], max_staleness: int) -> dict[str, Any]:
+def _since_first_step(replicas: dict[str, dict[str, Any]], first: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each replica's busy and overhead seconds after the learner's first step (the window
+    throughput is measured over); a replica that had not reported by then counts from 0."""
+    out = []
+    for name, r in replicas.items():
+        before = first.get(name, {})
+        old = before.get("overhead_s", {})
+        out.append({"service": r["service"], "busy_s": r["busy_s"] - before.get("busy_s", 0.0),
+                    "overhead_s": {p: s - old.get(p, 0.0) for p, s in r.get("overhead_s", {}).items()}})
+    return out
+
+
+def summarize(stats: dict[str, str], replicas: dict[str, dict[str, Any]], max_staleness: int) -> dict[str, Any]:
     steps = int(stats["step"])
     span = float(stats["updated_at"]) - float(stats["first_step_at"])
     trajs = int(stats["trained_trajectories"]) - int(stats["first_step_trajectories"])
     tokens = int(stats["trained_tokens"]) - int(stats["first_step_tokens"])
-    busy = {svc: sum(r["busy_s"] for r in replicas if r["service"] == svc) / steps
+    last = json.loads(stats["last_step_replicas"])  # at the learner's last step, as the first
+    window = _since_first_step({name: last.get(name, r) for name, r in replicas.items()},
+                               json.loads(stats["first_step_replicas"]))
+    measured = max(1, steps - 1)
+    busy = {svc: sum(r["busy_s"] for r in window if r["service"] == svc) / measured
             for svc in ("rollout", "teacher", "learner")}
-    parts = {part for r in replicas for part in r.get("overhead_s", {})}
-    overhead = {part: sum(r.get("overhead_s", {}).get(part, 0.0) for r in replicas) / steps
+    parts = {part for r in window for part in r["overhead_s"]}
+    overhead = {part: sum(r["overhead_s"].get(part, 0.0) for r in window) / measured
                 for part in sorted(parts)}
-    lags = [r for r in replicas if r["service"] == "rollout" and r.get("weight_loads")]
+    lags = [r for r in replicas.values() if r["service"] == "rollout" and r.get("weight_loads")]
     return {
-        "max_staleness": max_staleness, "steps": steps, "measured_steps": steps - 1,
-        "seconds": span, "step_s": span / max(1, steps - 1),
+        "max_staleness": max_staleness, "steps": steps, "measured_steps": measured,
+        "seconds": span, "step_s": span / measured,
         "trajectories_per_s": trajs / span, "tokens_per_s": tokens / span,
         "busy_per_step_s": busy, "overhead_per_step_s": overhead,
         "weight_lag_mean_s": sum(r["weight_lag_mean_s"] * r["weight_loads"] for r in lags)
@@ -80,16 +97,22 @@ def summarize(stats: dict[str, str], replicas: list[dict[str, Any]], max_stalene
     }
 
 
-def compare(sync: dict[str, Any], async_: dict[str, Any]) -> dict[str, Any]:
-    """Speed-up achieved vs the ideal pipeline bound, and the sync loop's overhead share."""
+def compare(sync: dict[str, Any], async_: dict[str, Any], cpus: int | None = None) -> dict[str, Any]:
+    """Speed-up achieved vs the ideal pipeline bound, and the sync loop's overhead share.
+
+    With `cpus` (services on CPU), the machine bound also holds: all of the synchronous step's
+    work, overhead included, shared over `cpus` cores cannot finish faster than step/cpus."""
     b = sync["busy_per_step_s"]
     stages = b["rollout"] + b["teacher"] + b["learner"]
     bound = stages / max(b.values())
     speedup = async_["trajectories_per_s"] / sync["trajectories_per_s"]
     step = sync["step_s"]
+    machine = step / max(max(b.values()), step / cpus) if cpus else bound
     parts = dict(sync["overhead_per_step_s"])
     parts["redis, wake-ups, scheduling"] = step - stages - sum(parts.values())
     return {"speedup": speedup, "ideal_bound": bound, "fraction_of_bound": speedup / bound,
+            "cpus": cpus, "machine_bound": min(bound, machine),
+            "fraction_of_machine_bound": speedup / min(bound, machine),
             "sync_stage_sum_s": stages, "sync_step_s": step,
             "sync_overhead_share": max(0.0, step - stages) / step,
             "sync_overhead_parts_s": parts}
