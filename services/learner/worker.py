@@ -73,6 +73,7 @@ class LearnerWorker:
         self.lm = LearnerMetrics(ctx)
         self.admission = Admission(ctx.client, ctx.keys)
         self.stats: dict[str, Any] = {"trained_tokens": 0, "dead_letters": 0, "correct": 0, "duplicates": 0}
+        self.snapshots: dict[str, str] = {}  # replicas' reports at the first and last step (bench)
         self.consumer: StreamConsumer | None = None
         self.shape: tuple[int, int | None, int | None] | None = None  # see check()
         self.consumed: dict[str, int] = {}  # trajectory id -> version it was trained at (exactly-once)
@@ -221,17 +222,17 @@ class LearnerWorker:
         if self.version == 1:  # throughput is measured from here, past start-up
             self.stats.update(first_step_at=time.time(), first_step_tokens=self.stats["trained_tokens"],
                               first_step_trajectories=summary["trained"])
-        if self.version in (1, self.s.max_steps):  # every replica's counters over the same window
+        if self.version in (1, self.s.max_steps):  # every replica's counters, for the same window
             replicas = self.ctx.client.hgetall(self.ctx.keys.replicas)
-            self.stats["first_step_replicas" if self.version == 1 else "last_step_replicas"] = json.dumps(
+            self.snapshots["first_step_replicas" if self.version == 1 else "last_step_replicas"] = json.dumps(
                 {k.decode(): json.loads(v) for k, v in replicas.items()})
         self.ctx.client.hset(self.ctx.keys.stats, mapping={
             "status": status, "step": self.version, "elapsed_s": round(elapsed, 3), "updated_at": time.time(),
             "first_step_at": self.stats.get("first_step_at", 0.0),
             "first_step_tokens": self.stats.get("first_step_tokens", 0),
             "first_step_trajectories": self.stats.get("first_step_trajectories", 0),
-            "first_step_replicas": self.stats.get("first_step_replicas", "{}"),
-            "last_step_replicas": self.stats.get("last_step_replicas", "{}"),
+            "first_step_replicas": self.snapshots.get("first_step_replicas", "{}"),
+            "last_step_replicas": self.snapshots.get("last_step_replicas", "{}"),
             "trained_trajectories": summary["trained"], "trained_tokens": self.stats["trained_tokens"],
             "dead_letters": self.stats["dead_letters"], "duplicates": self.stats["duplicates"],
             "sample_correct": self.stats["correct"],
