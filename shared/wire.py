@@ -87,8 +87,7 @@ class ArrayReader:
                             f"is outside the {len(self.blob)}-byte blob")
         if want == 0:
             return np.zeros(shape, _DTYPES[dtype])
-        count = want // _ITEMSIZE[dtype]
-        return np.frombuffer(self.blob, _DTYPES[dtype], count, offset).reshape(shape)
+        return np.ndarray(shape, _DTYPES[dtype], self.blob, offset)  # a view: read-only, like the payload
 
     def logprobs(self, obj: Any, where: str, ndim: int) -> np.ndarray:
         """A float32 array of log-probs: finite and <= 0 (1e-3 rounding slack)."""
