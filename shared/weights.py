@@ -59,9 +59,13 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     os.replace(tmp, final)
 
 
-def announce(client: redis.Redis, keys: Keys, version: int, path: Path) -> WeightAnnouncement:
-    """Make `version` visible to readers (after its files are complete)."""
-    ann = WeightAnnouncement(weight_version=version, path=str(path))
+def announce(client: redis.Redis, keys: Keys, version: int, path: Path,
+             step_finished_at: float | None = None) -> WeightAnnouncement:
+    """Make `version` visible to readers (after its files are complete); `step_finished_at`
+    (default: now) is when the learner's step that produced it ended."""
+    now = time.time()
+    ann = WeightAnnouncement(weight_version=version, path=str(path), published_at=now,
+                             step_finished_at=now if step_finished_at is None else step_finished_at)
     pipe = client.pipeline(transaction=True)
     pipe.set(keys.weights, encode(ann))
     pipe.set(keys.version, version)

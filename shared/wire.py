@@ -324,9 +324,11 @@ class WeightAnnouncement:
     weight_version: int
     path: str  # directory holding model.safetensors (+ config.json)
     published_at: float = field(default_factory=time.time)
+    step_finished_at: float = 0.0  # when the optimizer step that made it ended (before saving)
 
     def to_dict(self, w: ArrayWriter) -> dict[str, Any]:
-        return {"path": self.path, "published_at": self.published_at}
+        return {"path": self.path, "published_at": self.published_at,
+                "step_finished_at": self.step_finished_at}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], r: ArrayReader, where: str = "weights") -> WeightAnnouncement:
@@ -334,6 +336,7 @@ class WeightAnnouncement:
             weight_version=_get(d, "weight_version", int, where),
             path=_get(d, "path", str, where),
             published_at=float(_get(d, "published_at", (int, float), where)),
+            step_finished_at=float(_get(d, "step_finished_at", (int, float), where)),
         )
 
 

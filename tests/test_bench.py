@@ -36,3 +36,16 @@ def test_bench_all_writes_consistent_results(tmp_path, monkeypatch, capsys):
     assert sum(c["sync_overhead_parts_s"].values()) == pytest.approx(c["sync_step_s"] - c["sync_stage_sum_s"])
     printed = capsys.readouterr().out
     assert "async / sync speed-up" in printed and "redis, wake-ups, scheduling" in printed
+
+
+def test_presets_fill_in_only_what_was_not_given(tmp_path):
+    from pydantic_settings import CliApp
+
+    from services.bench.main import BenchSettings, apply_preset
+
+    given = apply_preset(CliApp.run(BenchSettings, cli_args=["--preset", "cpu-test", "--steps", "3"]), tmp_path / "a")
+    assert (given.steps, given.batch_size, given.device, given.max_new_tokens) == (3, 16, "cpu", 16)
+    default = apply_preset(CliApp.run(BenchSettings, cli_args=["--preset", "cpu-test"]), tmp_path / "b")
+    assert default.steps == 6 and (tmp_path / "b" / "teacher" / "config.json").exists()
+    with pytest.raises(SystemExit, match="unknown preset"):
+        apply_preset(BenchSettings(preset="huge"), tmp_path / "c")

@@ -32,7 +32,7 @@ def scored_batch(b: int, t: int, k: int, n: int = 1, prompt_len: int = 32, vocab
     return out
 
 
-def bench_codec(msgs: list[ScoredTrajectory], repeats: int = 10) -> dict[str, Any]:
+def bench_codec(msgs: list[ScoredTrajectory], repeats: int = 20) -> dict[str, Any]:
     """Best-of-`repeats` encode and decode times for the whole batch."""
     enc_s = dec_s = float("inf")
     for _ in range(repeats):

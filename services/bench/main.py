@@ -1,7 +1,8 @@
 """`opd bench [all|pipeline|codec|broadcast] [--flags]`: print tables, write JSON.
 
-Starts an embedded Redis unless REDIS_URL is set. On a CUDA machine pass `--device cuda`
-and larger checkpoints (`--student/--teacher` paths) to measure at scale.
+Starts an embedded Redis unless REDIS_URL is set. The default preset `auto` measures the
+built-in tiny models on a CPU machine and random-init ~0.5B/~1.5B models on a CUDA one;
+`--preset tiny|gpu|cpu-test` picks one, and `--student/--teacher` paths measure your own.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ class BenchSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OPD_BENCH_", use_attribute_docstrings=True,
                                       cli_kebab_case=True, cli_implicit_flags=True, cli_prog_name="opd bench")
 
-    preset: str = "tiny"
-    """tiny: the built-in models (CPU); gpu: random-init ~0.5B student / ~1.5B teacher on CUDA,
-    256-token completions (overrides student, teacher, device, max_new_tokens)."""
+    preset: str = "auto"
+    """auto: gpu when CUDA is available, else tiny. tiny: the given (default: built-in) models;
+    gpu: random-init ~0.5B student / ~1.5B teacher on CUDA, 256-token completions; cpu-test:
+    the gpu preset's code path with small random-init models on CPU (gpu and cpu-test override
+    student, teacher, device and max_new_tokens)."""
     steps: int = 100
     """Learner steps per pipeline run (throughput counts steps 2..N)."""
     batch_size: int = 64
@@ -42,6 +45,9 @@ class BenchSettings(BaseSettings):
     """Learner estimators."""
     device: str = "auto"
     """Device for the services."""
+    engine: str = "transformers"
+    """Rollout and teacher backend: transformers, or vllm (vLLM installed; share one GPU by
+    setting OPD_ROLLOUT_GPU_MEMORY_UTILIZATION / OPD_TEACHER_GPU_MEMORY_UTILIZATION)."""
     torch_threads: int = 1
     """Torch threads per service process."""
     timeout_s: float = 900
@@ -85,8 +91,8 @@ def pipeline(url: str, s: BenchSettings) -> dict[str, Any]:
               f"({c['sync_step_s'] - c['sync_stage_sum_s']:.3f}s / {c['sync_step_s']:.3f}s)"),
              *[(f"  {part}", f"{s:.4f}s = {s / c['sync_step_s']:.1%} of step")
                for part, s in c["sync_overhead_parts_s"].items()],
-             ("weight broadcast (async)", f"mean {async_['weight_lag_mean_s'] or 0:.3f}s, "
-              f"max {async_['weight_lag_max_s'] or 0:.3f}s")]
+             *[(f"weight broadcast ({name})", f"step end -> rollout generating: mean {r['weight_lag_mean_s'] or 0:.3f}s, "
+                f"max {r['weight_lag_max_s'] or 0:.3f}s") for name, r in (("sync", sync), ("async", async_))]]
     print(table("pipeline: async vs synchronous", rows), flush=True)
     return {"sync": sync, "async": async_, "comparison": c}
 
@@ -119,24 +125,35 @@ def main(argv: list[str]) -> None:
     if what not in ("all", "pipeline", "codec", "broadcast"):
         raise SystemExit("usage: opd bench [all|pipeline|codec|broadcast] [--flags]")
     s = CliApp.run(BenchSettings, cli_args=argv[1:] if argv and argv[0] == what else argv)
+    if s.preset == "auto":
+        import torch
+
+        s = s.model_copy(update={"preset": "gpu" if torch.cuda.is_available() else "tiny"})
     with tempfile.TemporaryDirectory(prefix="opd-bench-models-") as models_dir:
         if s.preset != "tiny":
             s = apply_preset(s, Path(models_dir))
         run_benchmarks(what, s)
 
 
+# preset -> (student size, teacher size) and the settings it changes; steps and batch size
+# only when not given on the command line
+PRESETS = {
+    "gpu": (("0.5b", "1.5b"), {"device": "cuda", "max_new_tokens": 256}, {"steps": 20, "batch_size": 64}),
+    "cpu-test": (("test", "test"), {"device": "cpu", "max_new_tokens": 16}, {"steps": 6, "batch_size": 16}),
+}
+
+
 def apply_preset(s: BenchSettings, models_dir: Path) -> BenchSettings:
-    """Random-init large checkpoints for the GPU preset ("gpu"; "cpu-test" tries it on CPU)."""
+    """Random-init checkpoints at the preset's sizes (see services/bench/models.py)."""
     from services.bench.models import random_checkpoint
 
-    if s.preset not in ("gpu", "cpu-test"):
-        raise SystemExit(f"unknown preset {s.preset!r}: tiny, gpu or cpu-test")
-    student, teacher = ("0.5b", "1.5b") if s.preset == "gpu" else ("test", "test")
+    if s.preset not in PRESETS:
+        raise SystemExit(f"unknown preset {s.preset!r}: auto, tiny, {', '.join(PRESETS)}")
+    (student, teacher), fixed, defaults = PRESETS[s.preset]
     return s.model_copy(update={
+        **{k: v for k, v in defaults.items() if k not in s.model_fields_set}, **fixed,
         "student": random_checkpoint(student, models_dir / "student", dtype="float32"),
         "teacher": random_checkpoint(teacher, models_dir / "teacher"),
-        "device": "cuda" if s.preset == "gpu" else "cpu",
-        "max_new_tokens": 256 if s.preset == "gpu" else 16,
     })
 
 

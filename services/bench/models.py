@@ -26,6 +26,7 @@ def random_checkpoint(size: str, out: str | Path, vocab_size: int = 151936, dtyp
     """Write a random-init Qwen2 checkpoint (+ the built-in tokenizer) to `out`; returns it."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from shared.models import builtin_path, load_tokenizer
 
@@ -33,6 +34,7 @@ def random_checkpoint(size: str, out: str | Path, vocab_size: int = 151936, dtyp
     config = Qwen2Config(vocab_size=vocab_size, max_position_embeddings=4096, tie_word_embeddings=True,
                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_id, **SIZES[size])
+    hf_logging.disable_progress_bar()
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
     out = Path(out)

@@ -45,9 +45,10 @@ def run_mode(url: str, max_staleness: int, s: Any, run_dir: Path) -> dict[str, A
                        "max_staleness": max_staleness, "max_steps": s.steps,
                        "output_dir": run_dir / run / "student", "losses": json.dumps(s.losses),
                        "checkpoint_dir": run_dir / run / "checkpoints"})
-        launcher.start("teacher", "teacher", {**common, "model": s.teacher, "batch_size": s.batch_size})
+        launcher.start("teacher", "teacher", {**common, "model": s.teacher, "batch_size": s.batch_size,
+                                              "backend": s.engine})
         for i in range(s.rollouts):
-            launcher.start("rollout", f"rollout-{i}", {**common, "model": s.student,
+            launcher.start("rollout", f"rollout-{i}", {**common, "model": s.student, "backend": s.engine,
                            "batch_size": s.batch_size // s.rollouts, "max_new_tokens": s.max_new_tokens})
         _wait(launcher, s.timeout_s)
     finally:

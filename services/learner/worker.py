@@ -210,9 +210,10 @@ class LearnerWorker:
                  self.tracker.summary()["histogram"])
 
     def _publish(self) -> None:
+        finished = time.time()
         with self.ctx.metrics.timed("weights"):
             path = save_version(self.model, self.s.weights_dir, self.version)
-            announce(self.ctx.client, self.ctx.keys, self.version, path)
+            announce(self.ctx.client, self.ctx.keys, self.version, path, step_finished_at=finished)
             prune_versions(self.s.weights_dir, self.s.keep_versions, self.version)
         self.ctx.metrics.weight_version.set(self.version)
 

@@ -43,7 +43,7 @@ class RolloutWorker:
                                        reclaim_idle_ms=int(settings.reclaim_idle_s * 1000))
         self.admission = Admission(ctx.client, ctx.keys)
         self.weight_lag = Histogram(
-            "opd_weight_lag_seconds", "Announcement of a version to generating with it",
+            "opd_weight_lag_seconds", "Learner step end (before saving) to generating with its weights",
             ["service", "replica"], registry=ctx.metrics.registry,
             buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30)).labels("rollout", settings.replica)
         self.lag_n, self.lag_sum, self.lag_max = 0, 0.0, 0.0  # broadcasts after the first load
@@ -140,7 +140,7 @@ class RolloutWorker:
                 time.sleep(0.05)  # pruned while we looked: a newer pointer exists
                 continue
             if self.version >= 0:  # a broadcast, not this replica's start-up load
-                self._record_lag(time.time() - ann.published_at)
+                self._record_lag(time.time() - ann.step_finished_at)
             self.version, self.published_at = ann.weight_version, ann.published_at
             self.ctx.metrics.weight_version.set(self.version)
             log.info("loaded weight version %d", self.version)
