@@ -43,24 +43,26 @@ class Context:
         self.heartbeat = Heartbeat(settings.health_max_age_s)
         self._report_lock = threading.Lock()  # the loop and the report thread both report
 
-    def report(self, info: dict[str, Any]) -> None:
-        """Write this replica's counters to the run's `replicas` hash (read by demo and bench):
-        after each batch and every 2 s. Never an older snapshot over a newer one."""
+    def report(self, info: Callable[[], dict[str, Any]]) -> None:
+        """Write this replica's counters and `info()` to the run's `replicas` hash (read by demo
+        and bench): after each batch and every 2 s. Snapshot and write happen under one lock,
+        so an older snapshot never lands over a newer one. Best effort: the service's own
+        Redis calls surface Redis trouble."""
         m = self.metrics
         with self._report_lock:
             status = {"service": self.name, "busy_s": m.value("opd_busy_seconds_total"),
                       "items": m.value("opd_items_total"), "tokens": m.value("opd_tokens_total"),
                       "overhead_s": m.overhead_s(),
-                      "state": self.heartbeat.state, "at": time.time(), **info}
-            self.client.hset(self.keys.replicas, self.settings.replica, json.dumps(status))
+                      "state": self.heartbeat.state, "at": time.time(), **info()}
+            try:
+                self.client.hset(self.keys.replicas, self.settings.replica, json.dumps(status))
+            except redis.RedisError:
+                log.warning("could not report status to Redis")
 
 
 def _report_loop(ctx: Context, worker: Worker, stop: threading.Event, every_s: float = 2.0) -> None:
     while not stop.wait(every_s):
-        try:
-            ctx.report(worker.info())
-        except redis.RedisError:  # best effort: the loop itself surfaces Redis trouble
-            log.warning("could not report status to Redis")
+        ctx.report(worker.info)
 
 
 def setup_logging() -> None:
@@ -100,7 +102,7 @@ def run_service(name: str, settings: ServiceSettings, build: Callable[[Context],
         raise
     finally:
         stop.set()
-    ctx.report(worker.info())
+    ctx.report(worker.info)
     log.info("%s %s stopped", name, settings.replica)
 
 

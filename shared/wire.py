@@ -78,16 +78,19 @@ class ArrayReader:
             raise WireError(f"{where}: dtype {obj['dtype']!r}, expected {dtype!r}")
         shape, offset = obj["shape"], obj["offset"]
         if not isinstance(shape, list) or len(shape) != ndim or not all(
-            type(s) is int and s >= 0 for s in shape
+            type(s) is int and 0 <= s <= MAX_MESSAGE_BYTES for s in shape
         ):
-            raise WireError(f"{where}: shape {shape!r} is not {ndim} non-negative ints")
+            raise WireError(f"{where}: shape {shape!r} is not {ndim} ints in [0, {MAX_MESSAGE_BYTES}]")
         want = math.prod(shape) * _ITEMSIZE[dtype]
         if type(offset) is not int or offset < 0 or offset + want > len(self.blob):
             raise WireError(f"{where}: offset {offset!r} + {want} data bytes (shape {shape}) "
                             f"is outside the {len(self.blob)}-byte blob")
         if want == 0:
-            return np.zeros(shape, _DTYPES[dtype])
-        return np.ndarray(shape, _DTYPES[dtype], self.blob, offset)  # a view: read-only, like the payload
+            empty = np.zeros(shape, _DTYPES[dtype])
+            empty.flags.writeable = False  # like every other decoded array
+            return empty
+        count = want // _ITEMSIZE[dtype]  # frombuffer holds the buffer: a bytearray cannot resize
+        return np.frombuffer(self.blob, _DTYPES[dtype], count, offset).reshape(shape)
 
     def logprobs(self, obj: Any, where: str, ndim: int) -> np.ndarray:
         """A float32 array of log-probs: finite and <= 0 (1e-3 rounding slack)."""
@@ -414,9 +417,13 @@ def decode(payload: bytes, expect: type[Message] | None = None) -> Message:
     """msgpack bytes -> message; raises WireError on anything malformed or unexpected."""
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise WireError(f"payload is {type(payload).__name__}, not bytes")
-    if len(payload) > MAX_MESSAGE_BYTES:
-        raise WireError(f"payload of {len(payload)} bytes exceeds {MAX_MESSAGE_BYTES}")
-    header, blob = _split(memoryview(payload).cast("B"))
+    view = memoryview(payload)
+    if view.nbytes > MAX_MESSAGE_BYTES:
+        raise WireError(f"payload of {view.nbytes} bytes exceeds {MAX_MESSAGE_BYTES}")
+    if not view.c_contiguous:
+        raise WireError("payload is a non-contiguous memoryview")
+    # read-only: arrays decoded from a bytearray must not be writable views of it
+    header, blob = _split(view.toreadonly().cast("B"))
     kind = header.get("kind")
     cls = _KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:

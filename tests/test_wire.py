@@ -72,6 +72,18 @@ def test_decode_is_zero_copy_and_aligned():
         assert np.shares_memory(a, base) and a.ctypes.data % 8 == 0 and not a.flags.writeable
 
 
+def test_decode_from_mutable_or_odd_buffers():
+    msg = make_scored()
+    buf = bytearray(encode(msg))
+    back = decode(buf, ScoredTrajectory)
+    assert not back.scores.topk_ids_TK.flags.writeable
+    with pytest.raises(BufferError):  # the views hold the buffer: it cannot move under them
+        buf.extend(b"x")
+    assert_arrays_equal(msg, decode(memoryview(bytes(buf)), ScoredTrajectory))
+    with pytest.raises(WireError, match="non-contiguous"):
+        decode(memoryview(bytes(buf))[::2])
+
+
 def tamper(mutate, blob_mutate=None) -> bytes:
     header, blob = msgpack.unpackb(encode(make_scored()))
     mutate(header)
@@ -106,6 +118,7 @@ def put(field: tuple[str, str], values: np.ndarray):
     (tamper(lambda b: b["trajectory"]["completion_ids"].update(dtype="float32")), "dtype"),
     (tamper(lambda b: b["trajectory"]["completion_ids"].update(data=b"")), "dtype, shape, offset"),
     (tamper(lambda b: b["teacher"]["topk_ids"].update(shape=[4, 5])), "top-k arrays"),
+    (tamper(lambda b: b["trajectory"]["mc_ids"].update(shape=[0, 2**62])), "ints in"),
     (tamper(lambda b: b["teacher"].update(mc_logprobs=None)), "mc_logprobs"),
     (tamper(lambda b: b["teacher"].update(draw_logprobs=None)), "draw_ids/draw_logprobs"),
     (tamper(lambda b: None, put(("trajectory", "behaviour_logprobs"), np.array([0, np.nan], np.float32))),

@@ -61,13 +61,19 @@ def run_mode(url: str, max_staleness: int, s: Any, run_dir: Path) -> dict[str, A
 
 def _since_first_step(replicas: dict[str, dict[str, Any]], first: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Each replica's busy and overhead seconds after the learner's first step (the window
-    throughput is measured over); a replica that had not reported by then counts from 0."""
+    throughput is measured over), divided by its service's replica count: replicas of one
+    service split a batch and run side by side. A replica that had not reported by then, or
+    restarted since (a counter went down), counts from 0."""
+    def delta(now: float, before: float) -> float:
+        return now - before if now >= before else now
+
+    count = {svc: sum(r["service"] == svc for r in replicas.values()) for svc in {r["service"] for r in replicas.values()}}
     out = []
     for name, r in replicas.items():
-        before = first.get(name, {})
+        before, n = first.get(name, {}), count[r["service"]]
         old = before.get("overhead_s", {})
-        out.append({"service": r["service"], "busy_s": r["busy_s"] - before.get("busy_s", 0.0),
-                    "overhead_s": {p: s - old.get(p, 0.0) for p, s in r.get("overhead_s", {}).items()}})
+        out.append({"service": r["service"], "busy_s": delta(r["busy_s"], before.get("busy_s", 0.0)) / n,
+                    "overhead_s": {p: delta(s, old.get(p, 0.0)) / n for p, s in r.get("overhead_s", {}).items()}})
     return out
 
 
@@ -76,7 +82,8 @@ def summarize(stats: dict[str, str], replicas: dict[str, dict[str, Any]], max_st
     span = float(stats["updated_at"]) - float(stats["first_step_at"])
     trajs = int(stats["trained_trajectories"]) - int(stats["first_step_trajectories"])
     tokens = int(stats["trained_tokens"]) - int(stats["first_step_tokens"])
-    last = json.loads(stats["last_step_replicas"])  # at the learner's last step, as the first
+    # at the learner's last step, like the first (a run without max_steps has none: final reports)
+    last = json.loads(stats["last_step_replicas"])
     window = _since_first_step({name: last.get(name, r) for name, r in replicas.items()},
                                json.loads(stats["first_step_replicas"]))
     measured = max(1, steps - 1)
@@ -101,16 +108,18 @@ def summarize(stats: dict[str, str], replicas: dict[str, dict[str, Any]], max_st
 def compare(sync: dict[str, Any], async_: dict[str, Any], cpus: int | None = None) -> dict[str, Any]:
     """Speed-up achieved vs the ideal pipeline bound, and the sync loop's overhead share.
 
-    With `cpus` (services on CPU), the machine bound also holds: all of the synchronous step's
-    work, overhead included, shared over `cpus` cores cannot finish faster than step/cpus."""
+    With `cpus` (services on CPU, one torch thread each), a machine bound too: the sync step's
+    CPU work (stages plus the timed overhead parts) spread over `cpus` cores. Approximate:
+    the untimed rest of the step is taken as waiting, and contention is ignored."""
     b = sync["busy_per_step_s"]
     stages = b["rollout"] + b["teacher"] + b["learner"]
     bound = stages / max(b.values())
     speedup = async_["trajectories_per_s"] / sync["trajectories_per_s"]
     step = sync["step_s"]
-    machine = step / max(max(b.values()), step / cpus) if cpus else bound
     parts = dict(sync["overhead_per_step_s"])
-    parts["redis, wake-ups, scheduling"] = step - stages - sum(parts.values())
+    work = stages + sum(parts.values())
+    machine = step / max(max(b.values()), work / cpus) if cpus else bound
+    parts["redis, wake-ups, scheduling"] = step - work
     return {"speedup": speedup, "ideal_bound": bound, "fraction_of_bound": speedup / bound,
             "cpus": cpus, "machine_bound": min(bound, machine),
             "fraction_of_machine_bound": speedup / min(bound, machine),

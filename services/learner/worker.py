@@ -203,7 +203,7 @@ class LearnerWorker:
             self.lm.loss.labels(**self.lm.lab, term=name).set(value)
         for stream in (self.ctx.keys.scored, self.ctx.keys.prompts):
             m.depth(stream, backlog(self.ctx.client, stream))
-        self.ctx.report(self.info())
+        self.ctx.report(self.info)
         self._write_stats(metrics, correct / len(batch))
         log.info("step %d loss %.4f fkl %.4f sample_acc %.2f staleness %s", self.version,
                  metrics["loss/total"], metrics["kl/forward_topk"], correct / len(batch),
@@ -223,10 +223,10 @@ class LearnerWorker:
         if self.version == 1:  # throughput is measured from here, past start-up
             self.stats.update(first_step_at=time.time(), first_step_tokens=self.stats["trained_tokens"],
                               first_step_trajectories=summary["trained"])
-        if self.version in (1, self.s.max_steps):  # every replica's counters, for the same window
-            replicas = self.ctx.client.hgetall(self.ctx.keys.replicas)
-            self.snapshots["first_step_replicas" if self.version == 1 else "last_step_replicas"] = json.dumps(
-                {k.decode(): json.loads(v) for k, v in replicas.items()})
+        for key, at in (("first_step_replicas", 1), ("last_step_replicas", self.s.max_steps)):
+            if self.version == at:  # every replica's counters, so the bench measures one window
+                replicas = self.ctx.client.hgetall(self.ctx.keys.replicas)
+                self.snapshots[key] = json.dumps({k.decode(): json.loads(v) for k, v in replicas.items()})
         self.ctx.client.hset(self.ctx.keys.stats, mapping={
             "status": status, "step": self.version, "elapsed_s": round(elapsed, 3), "updated_at": time.time(),
             "first_step_at": self.stats.get("first_step_at", 0.0),

@@ -98,7 +98,7 @@ class RolloutWorker:
         m = self.ctx.metrics
         m.items.inc(len(trajectories))
         m.tokens.inc(sum(t.num_tokens for t in trajectories))
-        self.ctx.report(self.info())
+        self.ctx.report(self.info)
 
     def _generate(self, prompts: list[Prompt]) -> list[Trajectory]:
         import numpy as np

@@ -72,4 +72,4 @@ class TeacherWorker:
         m.batch_seconds.observe(elapsed)
         m.items.inc(len(trajs))
         m.tokens.inc(sum(t.num_tokens for t in trajs))
-        self.ctx.report(self.info())
+        self.ctx.report(self.info)
