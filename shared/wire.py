@@ -104,7 +104,7 @@ class ArrayReader:
         return a
 
     def optional(self, d: dict[str, Any], key: str, where: str, dtype: str, ndim: int) -> np.ndarray | None:
-        """An array field that may be nil or absent."""
+        """An array field that may be nil or absent (float32 fields are all log-probs)."""
         if d.get(key) is None:
             return None
         if dtype == "float32":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def _since_first_step(replicas: dict[str, dict[str, Any]], first: dict[str, dict
     def delta(now: float, before: float) -> float:
         return now - before if now >= before else now
 
-    count = {svc: sum(r["service"] == svc for r in replicas.values()) for svc in {r["service"] for r in replicas.values()}}
+    count = Counter(r["service"] for r in replicas.values())
     out = []
     for name, r in replicas.items():
         before, n = first.get(name, {}), count[r["service"]]
