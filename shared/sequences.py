@@ -53,15 +53,26 @@ def pack(prompts: Sequence[np.ndarray], completions: Sequence[np.ndarray], pad_i
     return PackedBatch(input_ids, attn, gather, comp, mask)
 
 
+def completion_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """Final hidden states [N, D] predicting each real completion token, N = mask_BT.sum(),
+    row-major over (B, T): what the LM head turns into logits (shared/logprobs.py)."""
+    out = model.base_model(input_ids=batch.input_ids_BL, attention_mask=batch.attention_mask_BL,
+                           use_cache=False)
+    rows, cols = batch.mask_BT.nonzero(as_tuple=True)
+    return out.last_hidden_state[rows, batch.gather_BT[rows, cols]]
+
+
 def completion_logits(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
-    """Logits [B, T, V] predicting each completion token (float32, padded positions junk)."""
+    """Logits [B, T, V] predicting each completion token (float32, or float64 for float64
+    models; padded positions junk).
+    Dense: the full [B, L, V] logits exist; the chunked path is shared/logprobs.py."""
     import torch
 
     out = model(input_ids=batch.input_ids_BL, attention_mask=batch.attention_mask_BL,
                 use_cache=False)
     logits = out.logits
     idx = batch.gather_BT.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
-    return torch.gather(logits, 1, idx).float()
+    return torch.gather(logits, 1, idx).to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def pad_rows(rows: Sequence[np.ndarray], t_max: int, fill: float | int = 0) -> np.ndarray:

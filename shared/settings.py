@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
@@ -63,6 +63,20 @@ class ServiceSettings(BaseSettings):
     """Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1..."""
     torch_threads: int = 0
     """CPU threads for torch (0: torch's default)."""
+
+
+class ScoringSettings(ServiceSettings):
+    """Memory and precision of the services that run a model over whole trajectories (teacher, learner)."""
+
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Model precision. Teacher: weights in this dtype. Learner: bfloat16 runs forward and backward
+    under autocast while weights and AdamW state stay float32. Log-prob and loss maths are float32."""
+    logprob_chunk_tokens: int = Field(default=1024, ge=0)
+    """Positions per [chunk, V] block of the chunked log-prob kernel (shared/logprobs.py): peak
+    logits memory ~ 2 x chunk x V x 4 bytes; 0: the dense path, a full [B, T, V] log_softmax."""
+    max_tokens_per_microbatch: int = Field(default=8192, ge=0)
+    """Padded tokens (rows x longest prompt+completion) per forward pass; a step's or a teacher
+    batch's trajectories are split by this budget (0: all in one pass)."""
 
 
 def parse(cls: type[S], argv: list[str] | None) -> S:

@@ -12,6 +12,17 @@ torch.manual_seed(0)
 B, T, V = 3, 4, 11
 
 
+def dense_inputs(student_BTV, mask_BT, sampled_ids_BT, behaviour_BT, teacher_sampled_BT, topk_ids_BTK,
+                 topk_lp_BTK, mc_ids_BTN=None, mc_behaviour_BTN=None, mc_teacher_BTN=None,
+                 draw_ids_BTN=None, draw_lp_BTN=None) -> LossInputs:
+    """LossInputs gathered from a dense [B, T, V] student log-prob tensor (the reference layout)."""
+    at = lambda ids: None if ids is None else student_BTV.gather(-1, ids.long())  # noqa: E731
+    return LossInputs(mask_BT, at(sampled_ids_BT[..., None])[..., 0], behaviour_BT, teacher_sampled_BT,
+                      topk_ids_BTK, topk_lp_BTK, at(topk_ids_BTK), at(mc_ids_BTN), mc_behaviour_BTN,
+                      mc_teacher_BTN, at(draw_ids_BTN), draw_lp_BTN,
+                      student_BTV.detach().topk(student_BTV.shape[-1], -1).indices)
+
+
 def dists(scale: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
     student = torch.log_softmax(torch.randn(B, T, V, dtype=torch.float64) * scale, -1)
     teacher = torch.log_softmax(torch.randn(B, T, V, dtype=torch.float64) * scale, -1)
@@ -30,7 +41,7 @@ def exact_reverse_kl(student, teacher):
 def test_forward_kl_topk_equals_exact_kl_when_k_is_vocab(variant):
     student, teacher = dists()
     top_lp, top_ids = teacher.topk(V, -1)
-    got = forward_kl_topk(student, top_ids, top_lp, variant)
+    got = forward_kl_topk(student.gather(-1, top_ids), top_lp, variant)
     torch.testing.assert_close(got, exact_forward_kl(student, teacher), rtol=1e-9, atol=1e-9)
 
 
@@ -40,20 +51,20 @@ def test_forward_kl_topk_truncated_and_tail_bucket():
     top_lp, top_ids = teacher.topk(k, -1)
     s_k = student.gather(-1, top_ids)
     ref = (top_lp.exp() * (top_lp - s_k)).sum(-1)
-    torch.testing.assert_close(forward_kl_topk(student, top_ids, top_lp, "plain"), ref)
+    torch.testing.assert_close(forward_kl_topk(s_k, top_lp, "plain"), ref)
     p_tail = 1 - top_lp.exp().sum(-1)
     pi_tail = 1 - s_k.exp().sum(-1)
-    torch.testing.assert_close(forward_kl_topk(student, top_ids, top_lp, "tail"),
+    torch.testing.assert_close(forward_kl_topk(s_k, top_lp, "tail"),
                                ref + p_tail * (p_tail / pi_tail).log())
     # the tail bucket makes the estimate a KL between (k+1)-bucket distributions: >= 0
-    assert (forward_kl_topk(student, top_ids, top_lp, "tail") >= -1e-12).all()
+    assert (forward_kl_topk(s_k, top_lp, "tail") >= -1e-12).all()
 
 
 def test_forward_kl_gradient_matches_exact():
     logits = torch.randn(B, T, V, dtype=torch.float64, requires_grad=True)
     _, teacher = dists()
     top_lp, top_ids = teacher.topk(V, -1)
-    g_topk, = torch.autograd.grad(forward_kl_topk(torch.log_softmax(logits, -1), top_ids, top_lp).sum(), logits)
+    g_topk, = torch.autograd.grad(forward_kl_topk(torch.log_softmax(logits, -1).gather(-1, top_ids), top_lp).sum(), logits)
     g_exact, = torch.autograd.grad(exact_forward_kl(torch.log_softmax(logits, -1), teacher).sum(), logits)
     torch.testing.assert_close(g_topk, g_exact)
 
@@ -119,9 +130,10 @@ def test_objective_masks_padding_and_rejects_unknown():
     ids = torch.randint(0, V, (B, T))
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[0, 2:] = False
-    x = LossInputs(student, mask, ids, student.gather(-1, ids[..., None])[..., 0],
-                   teacher.gather(-1, ids[..., None])[..., 0], top_ids, top_lp)
-    loss, metrics = objective(x, {"fkl_topk": 1.0})
+    x = dense_inputs(student, mask, ids, student.gather(-1, ids[..., None])[..., 0],
+                     teacher.gather(-1, ids[..., None])[..., 0], top_ids, top_lp)
+    out = objective(x, {"fkl_topk": 1.0})
+    loss, metrics = out.loss, out.metrics
     ref = exact_forward_kl(student, teacher)[mask].mean()
     torch.testing.assert_close(loss, ref)
     assert metrics["kl/forward_topk"] == pytest.approx(float(ref))
@@ -178,11 +190,11 @@ def test_every_estimator_runs_and_is_finite_with_full_inputs():
     ids = torch.randint(0, V, (B, T))
     mc = torch.cat([ids[..., None], torch.randint(0, V, (B, T, 3))], -1)
     draws = torch.randint(0, V, (B, T, 2))
-    x = LossInputs(s, torch.ones(B, T, dtype=torch.bool), ids, s.detach().gather(-1, ids[..., None])[..., 0],
-                   teacher.gather(-1, ids[..., None])[..., 0], top_ids, top_lp, mc,
-                   s.detach().gather(-1, mc), teacher.gather(-1, mc), draws, teacher.gather(-1, draws))
+    x = dense_inputs(s, torch.ones(B, T, dtype=torch.bool), ids, s.detach().gather(-1, ids[..., None])[..., 0],
+                     teacher.gather(-1, ids[..., None])[..., 0], top_ids, top_lp, mc,
+                     s.detach().gather(-1, mc), teacher.gather(-1, mc), draws, teacher.gather(-1, draws))
     for name in ESTIMATORS:
-        loss, metrics = objective(x, ObjectiveConfig(losses={name: 1.0}))
+        loss = objective(x, ObjectiveConfig(losses={name: 1.0})).loss
         g, = torch.autograd.grad(loss, logits, retain_graph=True)
         assert torch.isfinite(loss) and torch.isfinite(g).all() and g.abs().sum() > 0, name
     with pytest.raises(ValueError, match="unknown"):

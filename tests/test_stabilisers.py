@@ -9,7 +9,8 @@ import torch
 
 from services.learner.drift import DriftConfig, drift_weights, topk_overlap
 from services.learner.stabilisers import (StabiliserConfig, m2po_mask, policy_gradient,
-                                          prefix_min_ratio, vcpo_lr_scale)
+                                          prefix_min_ratio, sequence_log_weights,
+                                          vcpo_lr_scale)
 
 LOG_R = torch.tensor([[math.log(3.0), math.log(0.5), 0.0, math.log(1.1)]], dtype=torch.float64)
 MASK = torch.ones(1, 4, dtype=torch.bool)
@@ -69,15 +70,16 @@ def test_minpro_uses_minimum_ratio_of_the_preceding_prefix():
 
 def test_vcpo_scale_from_effective_sample_size():
     behaviour = torch.zeros(4, 2)
-    assert vcpo_lr_scale(torch.zeros(4, 2), behaviour, torch.ones(4, 2, dtype=torch.bool)) == pytest.approx(1.0)
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    assert vcpo_lr_scale(sequence_log_weights(torch.zeros(4, 2), behaviour, mask)) == pytest.approx(1.0)
     logp = torch.tensor([[5.0, 5.0], [0, 0], [0, 0], [0, 0]])  # one sequence dominates: ESS ~ 1
-    assert vcpo_lr_scale(logp, behaviour, torch.ones(4, 2, dtype=torch.bool)) == pytest.approx(0.5, abs=1e-3)
+    assert vcpo_lr_scale(sequence_log_weights(logp, behaviour, mask)) == pytest.approx(0.5, abs=1e-3)
 
 
 def test_topk_overlap_and_monotone_drift_weights():
     student = torch.log_softmax(torch.tensor([[[5.0, 4, 3, 0, 0], [0, 0, 3, 4, 5]]]), -1)
     teacher_ids = torch.tensor([[[0, 1, 2], [0, 1, 2]]])
-    overlap = topk_overlap(student, teacher_ids, k=2)
+    overlap = topk_overlap(student.topk(5, -1).indices, teacher_ids, k=2)
     assert overlap.tolist() == [[1.0, 0.0]]
     cfg = DriftConfig(enabled=True, low=0.25, high=0.75)
     ov = torch.tensor([[1.0, 0.5, 1.0, 0.9, 0.0]])

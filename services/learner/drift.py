@@ -29,10 +29,11 @@ class DriftConfig:
             raise ValueError("drift control needs 0 <= low < high <= 1")
 
 
-def topk_overlap(student_logprobs_BTV: torch.Tensor, teacher_topk_ids_BTK: torch.Tensor, k: int) -> torch.Tensor:
-    """Fraction of the student's top-k ids that are also in the teacher's top-k, [B, T]."""
-    k = min(k, teacher_topk_ids_BTK.shape[-1], student_logprobs_BTV.shape[-1])
-    student_top = student_logprobs_BTV.detach().topk(k, dim=-1).indices
+def topk_overlap(student_top_ids_BTk: torch.Tensor, teacher_topk_ids_BTK: torch.Tensor, k: int) -> torch.Tensor:
+    """Fraction of the student's top-k ids that are also in the teacher's top-k, [B, T].
+    student_top_ids_BTk: the student's own top ids, descending (at least k, or all of V)."""
+    k = min(k, teacher_topk_ids_BTK.shape[-1], student_top_ids_BTk.shape[-1])
+    student_top = student_top_ids_BTk[..., :k].long()
     teacher_top = teacher_topk_ids_BTK[..., :k].long()
     hits = (student_top.unsqueeze(-1) == teacher_top.unsqueeze(-2)).any(-1)
     return hits.float().mean(-1)

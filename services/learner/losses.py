@@ -2,8 +2,9 @@
 
 Notation (docs/losses.md): mu = behaviour student that sampled the prefix, pi = current
 student at the learner, p = teacher, y_t = sampled token. Every estimator returns a
-per-position loss [B, T]; `objective` weights, down-weights (drift control) and averages
-them over response tokens. No I/O here: tests/test_losses.py checks each against dense
+per-position loss [B, T] from log-probs at a few ids per position (never a [B, T, V]
+tensor); `objective` weights, down-weights (drift control) and sums them over response
+tokens, divided by the step's token count. No I/O here: tests/test_losses.py checks each against dense
 float64 references.
 
     python -c "import services.learner.losses as L; print(sorted(L.ESTIMATORS))"
@@ -18,21 +19,21 @@ from dataclasses import dataclass, field
 import torch
 
 from services.learner.drift import DriftConfig, drift_weights, topk_overlap
-from services.learner.stabilisers import StabiliserConfig, policy_gradient, vcpo_lr_scale
+from services.learner.stabilisers import StabiliserConfig, policy_gradient, sequence_log_weights
 
 TAIL_EPS = 1e-6
 
 
-def forward_kl_topk(student_logprobs_BTV: torch.Tensor, topk_ids_BTK: torch.Tensor,
-                    topk_logprobs_BTK: torch.Tensor, variant: str = "plain") -> torch.Tensor:
-    """Teacher-weighted forward KL on the teacher's top-k: sum_i p(i) [log p(i) - log pi(i)].
+def forward_kl_topk(student_topk_BTK: torch.Tensor, topk_logprobs_BTK: torch.Tensor,
+                    variant: str = "plain") -> torch.Tensor:
+    """Teacher-weighted forward KL on the teacher's top-k: sum_i p(i) [log p(i) - log pi(i)],
+    from log pi at the teacher's top-k ids (student_topk_BTK).
 
     "plain": as written (exact KL when k = V); "renorm": both renormalised over the top-k;
     "tail": plain plus a tail bucket p_tail log(p_tail / pi_tail), only pi_tail clamped.
     The weights p do not depend on mu, which is why this is robust to stale rollouts.
     """
-    s_BTK = torch.gather(student_logprobs_BTV, -1, topk_ids_BTK.long())
-    t_BTK = topk_logprobs_BTK
+    s_BTK, t_BTK = student_topk_BTK, topk_logprobs_BTK
     if variant == "renorm":
         t_BTK = t_BTK - torch.logsumexp(t_BTK, -1, keepdim=True)
         s_BTK = s_BTK - torch.logsumexp(s_BTK, -1, keepdim=True)
@@ -65,16 +66,16 @@ def advantage(student_BT: torch.Tensor, behaviour_BT: torch.Tensor, teacher_BT: 
 def sampled_reverse_kl(student_logprob_BT: torch.Tensor, behaviour_logprob_BT: torch.Tensor,
                        teacher_logprob_BT: torch.Tensor, advantage_kind: str = "recompute",
                        clip_eps: float | None = None, *, stabiliser: StabiliserConfig | None = None,
-                       mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+                       mask_BT: torch.Tensor | None = None, keep_BT: torch.Tensor | None = None) -> torch.Tensor:
     """Policy-gradient reverse KL on the sampled token: -A pi(y)/mu(y), optionally PPO-clipped
     (clip_eps) or stabilised (`stabiliser`, see stabilisers.py; mask_BT for the ones that
-    look across tokens)."""
+    look across tokens, keep_BT an M2PO mask fixed over a larger batch)."""
     adv = advantage(student_logprob_BT, behaviour_logprob_BT, teacher_logprob_BT, advantage_kind)
     if stabiliser is None:
         stabiliser = StabiliserConfig("none" if clip_eps is None else "ppo_clip",
                                       clip_eps=0.2 if clip_eps is None else clip_eps)
     mask = torch.ones_like(adv, dtype=torch.bool) if mask_BT is None else mask_BT
-    return policy_gradient(adv, student_logprob_BT, behaviour_logprob_BT, mask, stabiliser)
+    return policy_gradient(adv, student_logprob_BT, behaviour_logprob_BT, mask, stabiliser, keep_BT=keep_BT)
 
 
 def mc_reverse_kl(student_logprobs_BTN: torch.Tensor, behaviour_logprobs_BTN: torch.Tensor,
@@ -109,31 +110,31 @@ def skew_kl(a_BTS: torch.Tensor, b_BTS: torch.Tensor, alpha: float) -> torch.Ten
 
 @dataclass
 class LossInputs:
-    """Everything the estimators may use for one batch, padded to [B, T(, K|N)]."""
+    """Everything the estimators may use for one (micro-)batch, padded to [B, T(, K|N)].
 
-    student_logprobs_BTV: torch.Tensor  # log pi, with grad
+    The student enters only through log pi at the id sets the estimators look at (with
+    grad), computed by the chunked kernel (shared/logprobs.py) without a [B, T, V] tensor.
+    """
+
     mask_BT: torch.Tensor  # bool, response tokens
-    sampled_ids_BT: torch.Tensor
+    student_sampled_BT: torch.Tensor  # log pi(y_t), with grad
     behaviour_logprobs_BT: torch.Tensor  # log mu(y_t)
     teacher_sampled_logprobs_BT: torch.Tensor  # log p(y_t)
-    topk_ids_BTK: torch.Tensor
-    topk_logprobs_BTK: torch.Tensor
-    mc_ids_BTN: torch.Tensor | None = None  # column 0 = y_t
+    topk_ids_BTK: torch.Tensor  # the teacher's top-k ids
+    topk_logprobs_BTK: torch.Tensor  # log p at them
+    student_topk_BTK: torch.Tensor  # log pi at them, with grad
+    student_mc_BTN: torch.Tensor | None = None  # log pi at the MC ids (column 0 = y_t)
     mc_behaviour_logprobs_BTN: torch.Tensor | None = None
     mc_teacher_logprobs_BTN: torch.Tensor | None = None
-    teacher_draw_ids_BTN: torch.Tensor | None = None  # y_j ~ p
+    student_draws_BTN: torch.Tensor | None = None  # log pi at y_j ~ p
     teacher_draw_logprobs_BTN: torch.Tensor | None = None
-
-    def student_at(self, ids: torch.Tensor) -> torch.Tensor:
-        """log pi of given ids: [B, T] or [B, T, N]."""
-        if ids.dim() == 2:
-            return torch.gather(self.student_logprobs_BTV, -1, ids.long().unsqueeze(-1))[..., 0]
-        return torch.gather(self.student_logprobs_BTV, -1, ids.long())
+    student_top_ids_BTk: torch.Tensor | None = None  # the student's own top-k ids (drift control)
+    m2po_keep_BT: torch.Tensor | None = None  # M2PO's keep-mask when fixed over a whole step
 
     def on_topk(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(student, teacher) log-probs renormalised over the teacher's top-k support."""
-        s = self.student_at(self.topk_ids_BTK)
-        return s - s.logsumexp(-1, keepdim=True), self.topk_logprobs_BTK - self.topk_logprobs_BTK.logsumexp(-1, keepdim=True)
+        s, t = self.student_topk_BTK, self.topk_logprobs_BTK
+        return s - s.logsumexp(-1, keepdim=True), t - t.logsumexp(-1, keepdim=True)
 
 
 @dataclass(frozen=True)
@@ -158,9 +159,9 @@ Estimator = Callable[[LossInputs, ObjectiveConfig], torch.Tensor]
 
 def _sampled(kind: str) -> Estimator:
     def estimator(x: LossInputs, cfg: ObjectiveConfig) -> torch.Tensor:
-        return sampled_reverse_kl(x.student_at(x.sampled_ids_BT), x.behaviour_logprobs_BT,
+        return sampled_reverse_kl(x.student_sampled_BT, x.behaviour_logprobs_BT,
                                   x.teacher_sampled_logprobs_BT, kind, stabiliser=cfg.stabiliser,
-                                  mask_BT=x.mask_BT)
+                                  mask_BT=x.mask_BT, keep_BT=x.m2po_keep_BT)
     return estimator
 
 
@@ -171,21 +172,21 @@ def _need(value: torch.Tensor | None, what: str) -> torch.Tensor:
 
 
 def _mc(x: LossInputs, cfg: ObjectiveConfig) -> torch.Tensor:
-    ids = _need(x.mc_ids_BTN, "rkl_mc needs MC samples: set the rollout's mc_samples >= 2")
-    return mc_reverse_kl(x.student_at(ids), _need(x.mc_behaviour_logprobs_BTN, "MC behaviour log-probs"),
+    student = _need(x.student_mc_BTN, "rkl_mc needs MC samples: set the rollout's mc_samples >= 2")
+    return mc_reverse_kl(student, _need(x.mc_behaviour_logprobs_BTN, "MC behaviour log-probs"),
                          _need(x.mc_teacher_logprobs_BTN, "MC teacher log-probs"))
 
 
 def _teacher_sampled(x: LossInputs, cfg: ObjectiveConfig) -> torch.Tensor:
-    ids = _need(x.teacher_draw_ids_BTN, "fkl_teacher_sampled needs teacher draws: set the teacher's draws >= 1")
-    return teacher_sampled_forward_kl(x.student_at(ids), _need(x.teacher_draw_logprobs_BTN, "teacher draw log-probs"))
+    student = _need(x.student_draws_BTN, "fkl_teacher_sampled needs teacher draws: set the teacher's draws >= 1")
+    return teacher_sampled_forward_kl(student, _need(x.teacher_draw_logprobs_BTN, "teacher draw log-probs"))
 
 
 ESTIMATORS: dict[str, Estimator] = {
-    "fkl_topk": lambda x, c: forward_kl_topk(x.student_logprobs_BTV, x.topk_ids_BTK, x.topk_logprobs_BTK),
-    "fkl_topk_renorm": lambda x, c: forward_kl_topk(x.student_logprobs_BTV, x.topk_ids_BTK, x.topk_logprobs_BTK, "renorm"),
-    "fkl_topk_tail": lambda x, c: forward_kl_topk(x.student_logprobs_BTV, x.topk_ids_BTK, x.topk_logprobs_BTK, "tail"),
-    "rkl_support": lambda x, c: reverse_kl_support(x.student_at(x.topk_ids_BTK), x.topk_logprobs_BTK),
+    "fkl_topk": lambda x, c: forward_kl_topk(x.student_topk_BTK, x.topk_logprobs_BTK),
+    "fkl_topk_renorm": lambda x, c: forward_kl_topk(x.student_topk_BTK, x.topk_logprobs_BTK, "renorm"),
+    "fkl_topk_tail": lambda x, c: forward_kl_topk(x.student_topk_BTK, x.topk_logprobs_BTK, "tail"),
+    "rkl_support": lambda x, c: reverse_kl_support(x.student_topk_BTK, x.topk_logprobs_BTK),
     "rkl_stale": _sampled("stale"),
     "rkl_recompute": _sampled("recompute"),
     "rkl_mc": _mc,
@@ -201,38 +202,51 @@ def masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     return (x_BT * m).sum() / m.sum().clamp(min=1.0)
 
 
-def objective(x: LossInputs, cfg: ObjectiveConfig | dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted sum of estimators averaged over response tokens, plus diagnostics.
-    metrics["lr_scale"] is the VCPO learning-rate factor (1 when VCPO is off)."""
+@dataclass
+class ObjectiveOutput:
+    """A (micro-)batch's loss and metrics, both divided by the step's token count (so they add
+    up over micro-batches; keys ending in "/max" combine by max), and the per-sequence log
+    importance weights VCPO needs once the whole step is seen."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float]
+    sequence_log_weights_B: torch.Tensor
+
+
+def objective(x: LossInputs, cfg: ObjectiveConfig | dict[str, float],
+              normaliser: float | None = None) -> ObjectiveOutput:
+    """Weighted sum of estimators summed over response tokens / normaliser (default: this
+    batch's response tokens; the trainer passes the whole step's), plus diagnostics."""
     if isinstance(cfg, dict):
         cfg = ObjectiveConfig(losses=cfg)
-    weights_BT = x.mask_BT.to(x.student_logprobs_BTV.dtype)
+    denom = float(normaliser) if normaliser is not None else max(1.0, float(x.mask_BT.sum()))
+    weights_BT = x.mask_BT.to(x.student_sampled_BT.dtype)
     metrics: dict[str, float] = {}
     if cfg.drift.enabled:
-        overlap = topk_overlap(x.student_logprobs_BTV, x.topk_ids_BTK, cfg.drift.k)
+        top = _need(x.student_top_ids_BTk, "drift control needs the student's own top-k ids")
+        overlap = topk_overlap(top, x.topk_ids_BTK, cfg.drift.k)
         weights_BT = drift_weights(overlap, x.mask_BT, cfg.drift)
-        metrics.update({"drift/overlap": float(masked_mean(overlap, x.mask_BT)),
-                        "drift/weight": float(masked_mean(weights_BT, x.mask_BT))})
-    total = x.student_logprobs_BTV.new_zeros(())
+        metrics.update({"drift/overlap": float((overlap.double() * x.mask_BT).sum()) / denom,
+                        "drift/weight": float(weights_BT.double().sum()) / denom})
+    total = x.student_sampled_BT.new_zeros(())
     for name, w in cfg.losses.items():
-        per_token = ESTIMATORS[name](x, cfg)
-        term = (per_token * weights_BT).sum() / x.mask_BT.sum().clamp(min=1)
+        term = (ESTIMATORS[name](x, cfg) * weights_BT).sum() / denom
         metrics[f"loss/{name}"] = float(term.detach())
         total = total + w * term
-    metrics.update(_diagnostics(x, cfg))
+    metrics.update(_diagnostics(x, denom))
     metrics["loss/total"] = float(total.detach())
-    return total, metrics
+    return ObjectiveOutput(total, metrics, sequence_log_weights(x.student_sampled_BT,
+                                                                x.behaviour_logprobs_BT, x.mask_BT))
 
 
-def _diagnostics(x: LossInputs, cfg: ObjectiveConfig) -> dict[str, float]:
+def _diagnostics(x: LossInputs, denom: float) -> dict[str, float]:
     with torch.no_grad():
-        pi_y = x.student_at(x.sampled_ids_BT)
+        pi_y, mask = x.student_sampled_BT, x.mask_BT
         ratio = (pi_y - x.behaviour_logprobs_BT).exp()
+        total = lambda v: float((v.double() * mask).sum()) / denom  # noqa: E731
         return {
-            "kl/reverse_sampled": float(masked_mean(pi_y - x.teacher_sampled_logprobs_BT, x.mask_BT)),
-            "kl/forward_topk": float(masked_mean(forward_kl_topk(
-                x.student_logprobs_BTV, x.topk_ids_BTK, x.topk_logprobs_BTK), x.mask_BT)),
-            "ratio/mean": float(masked_mean(ratio, x.mask_BT)),
-            "ratio/max": float(ratio[x.mask_BT].max()) if x.mask_BT.any() else 1.0,
-            "lr_scale": vcpo_lr_scale(pi_y, x.behaviour_logprobs_BT, x.mask_BT) if cfg.vcpo else 1.0,
+            "kl/reverse_sampled": total(pi_y - x.teacher_sampled_logprobs_BT),
+            "kl/forward_topk": total(forward_kl_topk(x.student_topk_BTK, x.topk_logprobs_BTK)),
+            "ratio/mean": total(ratio),
+            "ratio/max": float(ratio[mask].max()) if mask.any() else 1.0,
         }

@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from shared.settings import ServiceSettings
+from shared.settings import ScoringSettings
 
 if TYPE_CHECKING:
     from services.learner.losses import ObjectiveConfig
 
 
-class LearnerSettings(ServiceSettings):
+class LearnerSettings(ScoringSettings):
     model_config = SettingsConfigDict(env_prefix="OPD_LEARNER_", cli_prog_name="opd-learner")
 
     model: str = "builtin:student"
@@ -57,6 +57,8 @@ class LearnerSettings(ServiceSettings):
     """Overlap at or above which a position keeps full weight."""
     drift_truncate_below: float = 0.0
     """Truncate the trajectory from the first position with overlap below this (0: off)."""
+    gradient_checkpointing: bool = False
+    """Recompute the student's layer activations in the backward pass instead of keeping them."""
     lr: float = 1e-3
     """AdamW learning rate."""
     warmup_steps: int = 10

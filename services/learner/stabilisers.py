@@ -71,8 +71,10 @@ def policy_gradient(
     mask_BT: torch.Tensor,
     cfg: StabiliserConfig,
     proximal_BT: torch.Tensor | None = None,
+    keep_BT: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-token loss whose gradient is the stabilised off-policy policy gradient for A."""
+    """Per-token loss whose gradient is the stabilised off-policy policy gradient for A.
+    keep_BT: M2PO's keep-mask when it was computed over a larger batch (micro-batching)."""
     adv = adv_BT.detach()
     log_ratio = logp_BT - behaviour_BT
     ratio = log_ratio.exp()
@@ -88,7 +90,8 @@ def policy_gradient(
         clipped = torch.minimum(adv * r, adv * r.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps))
         return -(weight * clipped) * (weight <= cfg.decoupled_cap)
     if kind == "m2po":
-        return -adv * ratio * m2po_mask(log_ratio, mask_BT, cfg.m2po_tau)
+        keep = m2po_mask(log_ratio, mask_BT, cfg.m2po_tau) if keep_BT is None else keep_BT
+        return -adv * ratio * keep
     if kind == "tis":
         return -adv * ratio.detach().clamp(max=cfg.is_cap) * logp_BT
     if kind == "mis":
@@ -97,10 +100,14 @@ def policy_gradient(
     return -adv * prefix_min_ratio(ratio, mask_BT) * ratio  # minpro
 
 
-def vcpo_lr_scale(logp_BT: torch.Tensor, behaviour_BT: torch.Tensor, mask_BT: torch.Tensor) -> float:
-    """sqrt(min(1, ESS / B)) from sequence-level importance weights (computed in log space)."""
-    log_w = ((logp_BT.detach() - behaviour_BT) * mask_BT).sum(dim=1)
-    log_w = log_w - log_w.max()
+def sequence_log_weights(logp_BT: torch.Tensor, behaviour_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """log prod_t r_t per sequence [B] (no gradient): VCPO's sequence-level importance weights."""
+    return ((logp_BT.detach() - behaviour_BT) * mask_BT).sum(dim=1)
+
+
+def vcpo_lr_scale(log_w_B: torch.Tensor) -> float:
+    """sqrt(min(1, ESS / B)) from sequence log importance weights (computed in log space)."""
+    log_w = log_w_B - log_w_B.max()
     w = log_w.exp()
     ess = float(w.sum() ** 2 / (w ** 2).sum())
     return min(1.0, ess / len(w)) ** 0.5

@@ -1,73 +1,146 @@
-"""One learner optimizer step on a batch of scored trajectories.
+"""One learner optimizer step on a batch of scored trajectories, in token-budget micro-batches.
 
-Packs prompt+completion sequences, runs the current student (pi) with gradients, builds
-`LossInputs` from the teacher-score cache and the behaviour log-probs, evaluates the
-configured estimators (services/learner/losses.py) and steps AdamW.
+The step's B trajectories are split into micro-batches whose padded token count stays
+under `max_tokens_per_microbatch` (shared/microbatch.py; one that is longer on its own is
+trained alone). Each micro-batch packs its prompt+completion sequences, runs the student
+with gradients, takes log pi at the ids the estimators need through the chunked kernel
+(shared/logprobs.py: no [B, T, V] tensor, in the forward or the backward), evaluates the
+configured estimators (losses.py) normalised by the whole step's token count and
+backpropagates. Gradients accumulate, so the update equals the one-batch update; M2PO's
+mask and VCPO's learning-rate factor, which look across the batch, are computed over the
+whole step too. Then clip and AdamW.
+
+dtype "bfloat16" runs the forward and backward under autocast (bf16 matmuls) while the
+parameters and AdamW state stay float32; log-prob and loss maths are float32 either way.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import torch
 
 from services.learner.losses import LossInputs, ObjectiveConfig, objective
-from shared.sequences import PackedBatch, completion_logits, pack, pad_rows
+from services.learner.stabilisers import m2po_mask, vcpo_lr_scale
+from shared.logprobs import completion_logprobs
+from shared.microbatch import microbatches
+from shared.sequences import pack, pad_rows
 from shared.wire import ScoredTrajectory
 
 
 class Trainer:
     def __init__(self, model: torch.nn.Module, *, lr: float, weight_decay: float,
-                 grad_clip: float, objective: ObjectiveConfig, pad_id: int, warmup_steps: int = 0) -> None:
+                 grad_clip: float, objective: ObjectiveConfig, pad_id: int, warmup_steps: int = 0,
+                 chunk_tokens: int = 1024, max_tokens_per_microbatch: int = 0,
+                 dtype: str = "float32") -> None:
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"learner dtype must be float32 or bfloat16, got {dtype!r}")
         self.model, self.grad_clip, self.objective, self.pad_id = model, grad_clip, objective, pad_id
         self.lr, self.warmup_steps, self.steps = lr, warmup_steps, 0
+        self.chunk_tokens, self.max_tokens, self.dtype = chunk_tokens, max_tokens_per_microbatch, dtype
         self.device = next(model.parameters()).device
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 
     def step(self, batch: list[ScoredTrajectory]) -> dict[str, float]:
-        """Forward, loss, backward, clip, AdamW step; returns scalar metrics."""
+        """Accumulate gradients over micro-batches, clip, AdamW step; returns scalar metrics."""
         self.model.train()
-        packed = pack([b.trajectory.prompt.prompt_ids_P for b in batch],
-                      [b.trajectory.completion_ids_T for b in batch], self.pad_id)
-        packed = packed.to(str(self.device))
-        logprobs_BTV = torch.log_softmax(completion_logits(self.model, packed), dim=-1)
-        loss, metrics = objective(self.inputs(batch, packed, logprobs_BTV), self.objective)
+        groups = self.plan(batch)
+        denom = float(max(1, sum(b.trajectory.num_tokens for b in batch)))
+        keep = self._m2po_keep(batch, groups) if self._global_m2po(groups) else None
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        metrics: dict[str, float] = {}
+        log_w = []
+        for g in groups:
+            x = self.inputs([batch[i] for i in g], None if keep is None else keep[g])
+            out = objective(x, self.objective, normaliser=denom)
+            out.loss.backward()
+            log_w.append(out.sequence_log_weights_B)
+            for key, value in out.metrics.items():
+                metrics[key] = max(metrics.get(key, value), value) if key.endswith("/max") \
+                    else metrics.get(key, 0.0) + value
+        lr_scale = vcpo_lr_scale(torch.cat(log_w)) if self.objective.vcpo else 1.0
         if self.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             metrics["grad_norm"] = float(norm)
         self.steps += 1
         warmup = min(1.0, self.steps / self.warmup_steps) if self.warmup_steps > 0 else 1.0
         for group in self.optimizer.param_groups:  # linear warm-up; VCPO scales this step only
-            group["lr"] = self.lr * warmup * metrics["lr_scale"]
-        metrics["lr"] = self.lr * warmup * metrics["lr_scale"]
+            group["lr"] = self.lr * warmup * lr_scale
+        metrics.update(lr=self.lr * warmup * lr_scale, lr_scale=lr_scale, microbatches=len(groups))
         self.optimizer.step()
         self.model.eval()
         return metrics
 
-    def inputs(self, batch: list[ScoredTrajectory], packed: PackedBatch,
-               logprobs_BTV: torch.Tensor) -> LossInputs:
-        """Pad the per-trajectory arrays to [B, T(, K|N)] tensors on the model's device."""
+    def plan(self, batch: list[ScoredTrajectory]) -> list[list[int]]:
+        """Micro-batches (indices into batch) under the token budget, by packed sequence length."""
+        return microbatches([b.trajectory.prompt.prompt_ids_P.size + b.trajectory.num_tokens
+                             for b in batch], self.max_tokens)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype != "bfloat16":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _global_m2po(self, groups: list[list[int]]) -> bool:
+        uses = any(n in ("rkl_stale", "rkl_recompute") for n in self.objective.losses)
+        return uses and self.objective.stabiliser.kind == "m2po" and len(groups) > 1
+
+    @torch.no_grad()
+    def _m2po_keep(self, batch: list[ScoredTrajectory], groups: list[list[int]]) -> torch.Tensor:
+        """M2PO's keep-mask [B, T] over the whole step, from a no-grad pass per micro-batch."""
+        t_max = max(b.trajectory.num_tokens for b in batch)
+        log_ratio = torch.zeros(len(batch), t_max, dtype=torch.float64, device=self.device)
+        mask = torch.zeros(len(batch), t_max, dtype=torch.bool, device=self.device)
+        for g in groups:
+            x = self.inputs([batch[i] for i in g])
+            t = x.mask_BT.shape[1]
+            log_ratio[g, :t] = (x.student_sampled_BT - x.behaviour_logprobs_BT).double()
+            mask[g, :t] = x.mask_BT
+        return m2po_mask(log_ratio, mask, self.objective.stabiliser.m2po_tau)
+
+    def inputs(self, batch: list[ScoredTrajectory], m2po_keep_BT: torch.Tensor | None = None) -> LossInputs:
+        """Pack one micro-batch, run the student and gather log pi at every id set the
+        configured estimators read (one chunked pass over the vocabulary)."""
+        packed = pack([b.trajectory.prompt.prompt_ids_P for b in batch],
+                      [b.trajectory.completion_ids_T for b in batch], self.pad_id).to(str(self.device))
         t_max = packed.mask_BT.shape[1]
 
         def stack(rows: list[np.ndarray], fill: float | int = 0) -> torch.Tensor:
             return torch.from_numpy(pad_rows(rows, t_max, fill)).to(self.device)
 
-        trajs = [b.trajectory for b in batch]
-        scores = [b.scores for b in batch]
-        has_mc = all(t.mc_ids_TN is not None for t in trajs)
-        has_draws = all(s.draw_ids_TN is not None for s in scores)
+        trajs, scores = [b.trajectory for b in batch], [b.scores for b in batch]
+        losses = self.objective.losses
+        mc = "rkl_mc" in losses and all(t.mc_ids_TN is not None for t in trajs)
+        draws = "fkl_teacher_sampled" in losses and all(s.draw_ids_TN is not None for s in scores)
+        topk_ids = stack([s.topk_ids_TK for s in scores]).long()
+        id_sets = [packed.completion_ids_BT[..., None], topk_ids,
+                   *([stack([t.mc_ids_TN for t in trajs]).long()] if mc else []),
+                   *([stack([s.draw_ids_TN for s in scores]).long()] if draws else [])]
+        drift = self.objective.drift
+        top_k = min(drift.k, topk_ids.shape[-1], self._vocab()) if drift.enabled else 0
+        with self._autocast():
+            logp_BTM, _, top_ids = completion_logprobs(self.model, packed, torch.cat(id_sets, -1),
+                                                       chunk_tokens=self.chunk_tokens, top_k=top_k)
+        parts = iter(logp_BTM.split([ids.shape[-1] for ids in id_sets], -1))
+        sampled, student_topk = next(parts)[..., 0], next(parts)
         return LossInputs(
-            student_logprobs_BTV=logprobs_BTV,
             mask_BT=packed.mask_BT,
-            sampled_ids_BT=packed.completion_ids_BT,
-            behaviour_logprobs_BT=stack([t.behaviour_logprobs_T for t in trajs]),
-            teacher_sampled_logprobs_BT=stack([s.sampled_logprobs_T for s in scores]),
-            topk_ids_BTK=stack([s.topk_ids_TK for s in scores]).long(),
-            topk_logprobs_BTK=stack([s.topk_logprobs_TK for s in scores]),
-            mc_ids_BTN=stack([t.mc_ids_TN for t in trajs]).long() if has_mc else None,
-            mc_behaviour_logprobs_BTN=stack([t.mc_logprobs_TN for t in trajs]) if has_mc else None,
-            mc_teacher_logprobs_BTN=stack([s.mc_logprobs_TN for s in scores]) if has_mc else None,
-            teacher_draw_ids_BTN=stack([s.draw_ids_TN for s in scores]).long() if has_draws else None,
-            teacher_draw_logprobs_BTN=stack([s.draw_logprobs_TN for s in scores]) if has_draws else None,
+            student_sampled_BT=sampled,
+            behaviour_logprobs_BT=stack([t.behaviour_logprobs_T for t in trajs]).to(sampled.dtype),
+            teacher_sampled_logprobs_BT=stack([s.sampled_logprobs_T for s in scores]).to(sampled.dtype),
+            topk_ids_BTK=topk_ids,
+            topk_logprobs_BTK=stack([s.topk_logprobs_TK for s in scores]).to(sampled.dtype),
+            student_topk_BTK=student_topk,
+            student_mc_BTN=next(parts) if mc else None,
+            mc_behaviour_logprobs_BTN=stack([t.mc_logprobs_TN for t in trajs]).to(sampled.dtype) if mc else None,
+            mc_teacher_logprobs_BTN=stack([s.mc_logprobs_TN for s in scores]).to(sampled.dtype) if mc else None,
+            student_draws_BTN=next(parts) if draws else None,
+            teacher_draw_logprobs_BTN=stack([s.draw_logprobs_TN for s in scores]).to(sampled.dtype) if draws else None,
+            student_top_ids_BTk=top_ids if drift.enabled else None,
+            m2po_keep_BT=None if m2po_keep_BT is None else m2po_keep_BT[:, :t_max],
         )
+
+    def _vocab(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+

@@ -61,13 +61,18 @@ class LearnerWorker:
         torch.manual_seed(settings.seed)
         self.ctx, self.s = ctx, settings
         path = resolve_model(settings.model)
-        self.model = load_model(path, device=resolve_device(settings.device))
+        self.model = load_model(path, device=resolve_device(settings.device))  # float32 master weights
+        if settings.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.tokenizer = load_tokenizer(path)
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
         self.trainer = Trainer(self.model, lr=settings.lr, weight_decay=settings.weight_decay,
                                grad_clip=settings.grad_clip, objective=settings.objective(),
                                warmup_steps=settings.warmup_steps,
-                               pad_id=int(self.tokenizer.pad_token_id))
+                               pad_id=int(self.tokenizer.pad_token_id),
+                               chunk_tokens=settings.logprob_chunk_tokens,
+                               max_tokens_per_microbatch=settings.max_tokens_per_microbatch,
+                               dtype=settings.dtype)
         self.version = 0
         self.tracker = StalenessTracker(settings.max_staleness)
         self.lm = LearnerMetrics(ctx)

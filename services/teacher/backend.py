@@ -28,7 +28,7 @@ class TransformersTeacher:
         from shared.models import load_model, load_tokenizer, resolve_model
 
         path = resolve_model(settings.model)
-        self.model = load_model(path, device=device)
+        self.model = load_model(path, device=device, dtype=settings.dtype)
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
         self.pad_id = int(load_tokenizer(path).pad_token_id)
         self.s = settings
@@ -39,7 +39,8 @@ class TransformersTeacher:
 
         return score(self.model, trajectories, top_k=self.s.top_k, pad_id=self.pad_id,
                      draws=self.s.draws, generator=self.generator, name=self.s.model,
-                     replica=self.s.replica)
+                     replica=self.s.replica, chunk_tokens=self.s.logprob_chunk_tokens,
+                     max_tokens_per_microbatch=self.s.max_tokens_per_microbatch)
 
 
 def make_backend(settings: TeacherSettings, device: str) -> TeacherBackend:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pydantic_settings import SettingsConfigDict
 
-from shared.settings import ServiceSettings
+from shared.settings import ScoringSettings
 
 
-class TeacherSettings(ServiceSettings):
+class TeacherSettings(ScoringSettings):
     model_config = SettingsConfigDict(env_prefix="OPD_TEACHER_", cli_prog_name="opd-teacher")
 
     model: str = "builtin:teacher"
@@ -28,6 +28,6 @@ class TeacherSettings(ServiceSettings):
     seed: int = 0
     """Seed for the teacher draws."""
     batch_size: int = 64
-    """Trajectories scored in one forward pass."""
+    """Trajectories read and scored per batch (in micro-batches of max_tokens_per_microbatch)."""
     max_backlog: int = 256
     """Backpressure: wait while the scored stream holds this many unconsumed entries."""
