@@ -7,8 +7,9 @@ model's own top-k ids, and the logsumexp over the vocabulary. A dense `log_softm
 the forward and the backward. Here the output projection is applied to the final hidden
 states `chunk` positions at a time:
 
-- forward: per chunk, logits [chunk, V] in float32 (float64 for float64 models), their
-  logsumexp, the gathers and the top-k; only [N, M] outputs and the logsumexp [N] are kept;
+- forward: per chunk, logits [chunk, V] in float32 (float64 for float64 models), the
+  gathers and the top-k, then the logsumexp computed in the same buffer (in place); only
+  the [N, M] outputs and the logsumexp [N] are kept;
 - backward (`gather_logprobs` only): per chunk, the logits are recomputed, turned into
   the softmax in place and into d loss / d logits = onehot-scatter(g) - softmax * sum(g),
   then multiplied into the hidden-state and projection-weight gradients.
@@ -68,6 +69,15 @@ def _logits(h_cD: torch.Tensor, w_VD: torch.Tensor, bias_V: torch.Tensor | None)
     return z if bias_V is None else z.add_(bias_V)
 
 
+def _exp_shifted_(z_cV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place z <- exp(z - max z), the unnormalised probabilities, so a chunk needs one
+    [chunk, V] buffer; returns (logsumexp of the original z, its row max), both [chunk]."""
+    m = z_cV.amax(-1, keepdim=True)
+    total = z_cV.sub_(m).exp_().sum(-1)
+    m = m.squeeze(-1)
+    return m + total.log(), m
+
+
 def _chunks(n: int, chunk: int) -> range:
     """Chunk starts; one (empty) chunk when there are no positions, so outputs keep their shapes."""
     return range(0, max(n, 1), chunk if chunk > 0 else max(n, 1))
@@ -87,10 +97,12 @@ class _GatherLogProbs(torch.autograd.Function):
             w = weight_VD.to(hidden_ND.dtype)
             for s in _chunks(n, chunk):
                 z = _logits(hidden_ND[s:s + chunk], w, bias_V)
-                lse_N[s:s + chunk] = torch.logsumexp(z, -1)
-                out_NM[s:s + chunk] = z.gather(-1, ids_NM[s:s + chunk]) - lse_N[s:s + chunk, None]
+                picked = z.gather(-1, ids_NM[s:s + chunk])
                 if top_k:
                     top_Nk[s:s + chunk] = z.topk(top_k, -1, sorted=True).indices
+                lse_N[s:s + chunk] = _exp_shifted_(z)[0]
+                out_NM[s:s + chunk] = picked - lse_N[s:s + chunk, None]
+                del z  # before the next chunk's logits exist: one [chunk, V] buffer at a time
         ctx.save_for_backward(hidden_ND, weight_VD, bias_V, ids_NM, lse_N)
         ctx.chunk = chunk
         ctx.mark_non_differentiable(lse_N, top_Nk)
@@ -119,6 +131,7 @@ class _GatherLogProbs(torch.autograd.Function):
                     grad_w.add_(gz_c.t() @ h)
                 if grad_b is not None:
                     grad_b.add_(gz.sum(0))
+                del gz, gz_c
         as_w = (lambda t: None if t is None else t.to(weight_VD.dtype))
         return grad_h, as_w(grad_w), as_w(grad_b), None, None, None
 
@@ -174,11 +187,25 @@ class PositionScores:
 
 def _select(logp_cV: torch.Tensor, ids_cM: torch.Tensor, top_k: int, draws: int,
             generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
+    """Teacher selections from normalised log-probs (the dense path)."""
     top_lp, top_ids = logp_cV.topk(top_k, -1, sorted=True)
     parts = [top_lp, top_ids, logp_cV.gather(-1, ids_cM)]
     if draws > 0:  # y_j ~ p per position, for the teacher-sampled forward KL
         d = torch.multinomial(logp_cV.exp(), draws, replacement=True, generator=generator)
         parts += [d, logp_cV.gather(-1, d)]
+    return tuple(parts)
+
+
+def _select_chunk(z_cV: torch.Tensor, ids_cM: torch.Tensor, top_k: int, draws: int,
+                  generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
+    """The same selections from one chunk's raw logits, in its single buffer (consumed)."""
+    top_z, top_ids = z_cV.topk(top_k, -1, sorted=True)
+    picked = z_cV.gather(-1, ids_cM)
+    lse, m = _exp_shifted_(z_cV)  # z_cV now holds exp(z - m): multinomial takes unnormalised weights
+    parts = [top_z - lse[:, None], top_ids, picked - lse[:, None]]
+    if draws > 0:
+        d = torch.multinomial(z_cV, draws, replacement=True, generator=generator)
+        parts += [d, z_cV.gather(-1, d).log() + (m - lse)[:, None]]
     return tuple(parts)
 
 
@@ -192,15 +219,15 @@ def score_positions(model: torch.nn.Module, batch: PackedBatch, ids_BTM: torch.T
 
     mask = batch.mask_BT
     ids_NM = ids_BTM[mask].long()
-    if chunk_tokens <= 0:
-        logp_NV = torch.log_softmax(completion_logits(model, batch)[mask], dim=-1)
-        blocks = [_select(logp_NV, ids_NM, min(top_k, logp_NV.shape[-1]), draws, generator)]
-    else:
-        hidden_ND, head = completion_hidden(model, batch), OutputHead.of(model)
-        w, blocks = head.weight_VD.to(hidden_ND.dtype), []
-        k = min(top_k, w.shape[0])
-        for s in _chunks(hidden_ND.shape[0], chunk_tokens):
-            z = _logits(hidden_ND[s:s + chunk_tokens], w, head.bias_V)
-            logp = z.sub_(torch.logsumexp(z, -1, keepdim=True))
-            blocks.append(_select(logp, ids_NM[s:s + chunk_tokens], k, draws, generator))
+    if chunk_tokens <= 0:  # the previous teacher: log_softmax over [B, T, V], selections on every row
+        logp_BTV = torch.log_softmax(completion_logits(model, batch), dim=-1)
+        b, t, v = logp_BTV.shape
+        rows = _select(logp_BTV.view(b * t, v), ids_BTM.reshape(b * t, -1).long(), min(top_k, v), draws, generator)
+        return PositionScores(*(r[mask.reshape(-1)] for r in rows))
+    hidden_ND, head = completion_hidden(model, batch), OutputHead.of(model)
+    w, blocks = head.weight_VD.to(hidden_ND.dtype), []
+    k = min(top_k, w.shape[0])
+    for s in _chunks(hidden_ND.shape[0], chunk_tokens):  # the logits die in _select_chunk
+        blocks.append(_select_chunk(_logits(hidden_ND[s:s + chunk_tokens], w, head.bias_V),
+                                    ids_NM[s:s + chunk_tokens], k, draws, generator))
     return PositionScores(*(torch.cat(parts) for parts in zip(*blocks)))

@@ -88,3 +88,13 @@ def load_tokenizer(name_or_path: str) -> "PreTrainedTokenizerBase":
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+
+
+def enable_activation_checkpointing(model: "PreTrainedModel") -> None:
+    """Recompute each decoder layer's activations in the backward pass (non-reentrant);
+    transformers' newer name for gradient checkpointing where it exists."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

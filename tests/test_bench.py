@@ -49,3 +49,34 @@ def test_presets_fill_in_only_what_was_not_given(tmp_path):
     assert default.steps == 6 and (tmp_path / "b" / "teacher" / "config.json").exists()
     with pytest.raises(SystemExit, match="unknown preset"):
         apply_preset(BenchSettings(preset="huge"), tmp_path / "c")
+
+
+def test_bench_memory_measures_both_paths_in_fresh_processes(tmp_path, capsys):
+    out = tmp_path / "memory.json"
+    main(["memory", "--tokens", "128,512", "--vocab", "4096", "--completion-tokens", "64", "--top-k", "8",
+          "--chunk-tokens", "64", "--max-tokens-per-microbatch", "300", "--json-out", str(out)])
+    r = json.loads(out.read_text())
+    rows = {(x["pass"], x["path"], x["tokens"]): x for x in r["rows"]}
+    assert set(rows) == {(p, path, t) for p in ("learner", "teacher") for path in ("chunked", "dense")
+                         for t in (128, 512)}
+    for (pass_, path, tokens), x in rows.items():
+        assert x["peak_growth_bytes"] > 0 and x["seconds"] > 0 and x["trajectories"] == tokens // 64
+        assert x["fp32_btv_bytes"] == tokens * 4096 * 4
+        parts = {k: v for k, v in x["bound"].items() if k != "total"}
+        assert sum(parts.values()) == pytest.approx(x["bound"]["total"])
+        assert ("adamw_state" in parts) == (pass_ == "learner")
+    assert rows[("learner", "chunked", 512)]["microbatches"] == 8 // 3 + 1  # 3 x 80 tokens fit in 300
+    assert rows[("learner", "dense", 512)]["microbatches"] == 1
+    ratio = r["ratios"]["learner/512/dense_over_chunked_memory"]
+    assert ratio == pytest.approx(rows[("learner", "dense", 512)]["peak_growth_bytes"]
+                                  / rows[("learner", "chunked", 512)]["peak_growth_bytes"])
+    assert "growth/bound" in capsys.readouterr().out
+
+
+def test_bench_memory_projects_dense_runs_that_cannot_fit(monkeypatch):
+    from services.bench import memory
+
+    monkeypatch.setattr(memory, "_available_bytes", lambda device: 10**6)
+    r = memory.run(memory.MemorySettings(tokens=[1024, 4096], paths=["dense"], passes=["learner"], device="cpu"))
+    assert all(x["skipped"] for x in r["rows"])
+    assert r["rows"][1]["projected_peak_growth_bytes"] == pytest.approx(4.5 * 4096 * 151936 * 4)

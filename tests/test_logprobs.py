@@ -20,6 +20,8 @@ from services.learner.trainer import Trainer
 from services.teacher.scorer import score
 from shared.logprobs import OutputHead, gather_logprobs
 from shared.microbatch import microbatches, padded_tokens
+from shared.models import enable_activation_checkpointing
+from shared.sequences import completion_logits, pack
 from shared.wire import Prompt, ScoredTrajectory, Trajectory
 
 V, PAD, EOS = 37, 0, 2
@@ -183,6 +185,13 @@ def test_teacher_scores_equal_dense_for_chunks_and_microbatches(chunk, budget):
         np.testing.assert_array_equal(c.topk_ids_TK, d.topk_ids_TK)
         for field in ("topk_logprobs_TK", "tail_mass_T", "sampled_logprobs_T", "mc_logprobs_TN"):
             np.testing.assert_allclose(getattr(c, field), getattr(d, field), rtol=1e-6, atol=1e-7)
+    drawn = score(teacher, trajs, top_k=6, pad_id=PAD, draws=4, generator=torch.Generator().manual_seed(1),
+                  chunk_tokens=chunk, max_tokens_per_microbatch=budget)
+    full = torch.log_softmax(completion_logits(teacher, pack([t.prompt.prompt_ids_P for t in trajs],
+                                                             [t.completion_ids_T for t in trajs], PAD)), -1)
+    for i, (t, s) in enumerate(zip(trajs, drawn)):
+        want = full[i, :t.num_tokens].gather(-1, torch.from_numpy(s.draw_ids_TN).long())
+        np.testing.assert_allclose(s.draw_logprobs_TN, want.detach().numpy(), rtol=1e-6, atol=1e-6)
 
 
 def test_bfloat16_teacher_scores_close_to_float32():
@@ -192,3 +201,19 @@ def test_bfloat16_teacher_scores_close_to_float32():
     for r, b in zip(ref, bf):
         assert b.topk_logprobs_TK.dtype == np.float32
         np.testing.assert_allclose(b.sampled_logprobs_T, r.sampled_logprobs_T, atol=0.05)
+
+
+def test_gradient_checkpointing_gives_the_same_step():
+    batch = scored_batch()
+    plain, ckpt = tiny_model(), tiny_model()
+    enable_activation_checkpointing(ckpt)
+    calls = {}
+    for name, model in (("plain", plain), ("ckpt", ckpt)):
+        calls[name] = 0
+        model.model.layers[0].self_attn.register_forward_hook(lambda *a, n=name: calls.__setitem__(n, calls[n] + 1))
+        trainer = Trainer(model, lr=1e-2, weight_decay=0.0, grad_clip=1.0, objective=ObjectiveConfig(), pad_id=PAD,
+                          chunk_tokens=4, max_tokens_per_microbatch=30)
+        microbatches = trainer.step(batch)["microbatches"]
+    assert calls == {"plain": microbatches, "ckpt": 2 * microbatches}  # recomputed in the backward
+    for (name, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values()):
+        torch.testing.assert_close(b, a, **TIGHT, msg=name)

@@ -1,4 +1,7 @@
-"""`opd bench [all|pipeline|codec|broadcast] [--flags]`: print tables, write JSON.
+"""`opd bench [all|pipeline|codec|broadcast|memory] [--flags]`: print tables, write JSON.
+
+`memory` (services/bench/memory.py) measures one learner step and one teacher pass at
+LLM vocabulary size; `all` runs the other three.
 
 Starts an embedded Redis unless REDIS_URL is set. The default preset `auto` measures the
 built-in tiny models on a CPU machine and random-init ~0.5B/~1.5B models on a CUDA one;
@@ -123,8 +126,12 @@ def broadcast(s: BenchSettings) -> dict[str, Any]:
 
 def main(argv: list[str]) -> None:
     what = argv[0] if argv and not argv[0].startswith("-") else "all"
+    if what == "memory":
+        from services.bench.memory import main as memory_main
+
+        return memory_main(argv[1:])
     if what not in ("all", "pipeline", "codec", "broadcast"):
-        raise SystemExit("usage: opd bench [all|pipeline|codec|broadcast] [--flags]")
+        raise SystemExit("usage: opd bench [all|pipeline|codec|broadcast|memory] [--flags]")
     s = CliApp.run(BenchSettings, cli_args=argv[1:] if argv and argv[0] == what else argv)
     if s.preset == "auto":
         import torch

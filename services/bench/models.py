@@ -22,21 +22,28 @@ SIZES = {
 }
 
 
-def random_checkpoint(size: str, out: str | Path, vocab_size: int = 151936, dtype: str = "bfloat16") -> str:
-    """Write a random-init Qwen2 checkpoint (+ the built-in tokenizer) to `out`; returns it."""
+def random_model(size: str, vocab_size: int = 151936, dtype: str = "bfloat16", *, pad_id: int = 0,
+                 bos_id: int = 1, eos_id: int = 2, max_positions: int = 4096):
+    """A random-init Qwen2 causal LM at one of SIZES (seeded, tied embeddings like Qwen2.5-0.5B)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=vocab_size, max_position_embeddings=max_positions, tie_word_embeddings=True,
+                         pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id, **SIZES[size])
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(config).to(getattr(torch, dtype))
+
+
+def random_checkpoint(size: str, out: str | Path, vocab_size: int = 151936, dtype: str = "bfloat16") -> str:
+    """Write a random-init Qwen2 checkpoint (+ the built-in tokenizer) to `out`; returns it."""
     from transformers.utils import logging as hf_logging
 
     from shared.models import builtin_path, load_tokenizer
 
     tok = load_tokenizer(builtin_path("student"))
-    config = Qwen2Config(vocab_size=vocab_size, max_position_embeddings=4096, tie_word_embeddings=True,
-                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, **SIZES[size])
     hf_logging.disable_progress_bar()
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
+    model = random_model(size, vocab_size, dtype, pad_id=tok.pad_token_id, bos_id=tok.bos_token_id,
+                         eos_id=tok.eos_token_id)
     out = Path(out)
     model.save_pretrained(out)
     tok.save_pretrained(out)

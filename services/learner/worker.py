@@ -56,14 +56,14 @@ class LearnerWorker:
         import torch
 
         from services.learner.trainer import Trainer
-        from shared.models import load_model, load_tokenizer, resolve_model
+        from shared.models import enable_activation_checkpointing, load_model, load_tokenizer, resolve_model
 
         torch.manual_seed(settings.seed)
         self.ctx, self.s = ctx, settings
         path = resolve_model(settings.model)
         self.model = load_model(path, device=resolve_device(settings.device))  # float32 master weights
         if settings.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(self.model)
         self.tokenizer = load_tokenizer(path)
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
         self.trainer = Trainer(self.model, lr=settings.lr, weight_decay=settings.weight_decay,
