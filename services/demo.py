@@ -167,8 +167,12 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 
 def run_demo(s: DemoSettings) -> dict[str, Any]:
+    from transformers.utils import logging as hf_logging
+
     from shared.redis_server import EmbeddedRedis
     from shared.streams import Keys, connect
+
+    hf_logging.disable_progress_bar()  # the evaluations load models: no progress bars in the summary
 
     run_dir = Path(s.run_dir).resolve()
     for stale in ("checkpoints", "weights", "student", "logs", "redis"):  # a new demo, not a resume
