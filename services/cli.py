@@ -5,7 +5,7 @@
     opd pretrain --out DIR    train the built-in tokenizer, teacher and student init (shared/pretrain.py)
     opd bench [what]          async vs sync throughput, codec, Redis, weight broadcast (services/bench/)
     opd study staleness       estimators x staleness bounds on the built-in task (services/study.py)
-    opd redis                 start an embedded Redis server in the foreground
+    opd redis [--port --password --dir]   an embedded Redis server in the foreground (--help)
     opd rollout|teacher|learner [--flags]   run one service (same as opd-rollout, ...)
 """
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "redis":
         from shared.redis_server import main as redis_main
 
-        redis_main()
+        redis_main(rest)
     else:
         import importlib
 

@@ -8,13 +8,22 @@ writes them to the run's `limits` hash at start, so replicas cannot disagree wit
 Grants not used (fewer prompts were available) and trajectories the learner drops are
 released so the budget does not leak. With max_staleness = 0 this is strict synchronous
 training: B trajectories per version, generated only after the previous step published.
+
+Admission tokens: a rollout holds one token per admitted prompt (its prompt id, in the
+run's `admission_tokens` set) before handing off its trajectory. Downstream, a trajectory
+gives its slot back only by removing its token (one script: SREM, then DECRBY what was
+removed), so a slot is released at most once, and messages that were never admitted
+(injected garbage, a duplicate) release nothing. The learner consumes tokens of what it
+trained once a checkpoint covers them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import redis
 
-from shared.streams import Keys
+from shared.streams import Entry, Keys
 
 _ADMIT = """
 local version = tonumber(redis.call('GET', KEYS[2]) or '-1')
@@ -29,12 +38,21 @@ return {grant, version}
 """
 
 
+_RELEASE_TOKENS = """
+local n = 0
+for i = 1, #ARGV do n = n + redis.call('SREM', KEYS[2], ARGV[i]) end
+if n > 0 then redis.call('DECRBY', KEYS[1], n) end
+return n
+"""
+
+
 class Admission:
     """Client side of admission control, shared by all rollout replicas of a run."""
 
     def __init__(self, client: redis.Redis, keys: Keys):
         self.client, self.keys = client, keys
         self._script = client.register_script(_ADMIT)
+        self._release_tokens = client.register_script(_RELEASE_TOKENS)
 
     def request(self, want: int) -> tuple[int, int]:
         """Try to admit up to `want` trajectories; returns (granted, learner version)."""
@@ -44,9 +62,26 @@ class Admission:
         return int(granted), int(version)
 
     def release(self, n: int) -> None:
-        """Give back admissions that will never produce a trainable trajectory."""
+        """Give back slots of this replica's own grant that produced nothing (unused, or
+        prompts it could not use): rollouts only."""
         if n > 0:
             self.client.decrby(self.keys.admitted, n)
+
+    def hold(self, tokens: list[str]) -> None:
+        """Rollout: the prompts of this grant (or reclaimed ones) now have a slot each."""
+        if tokens:
+            self.client.sadd(self.keys.admission_tokens, *tokens)
+
+    def release_tokens(self, tokens: list[str]) -> int:
+        """Give back the slots of trajectories that will never be trained; each token once,
+        tokens not held (never admitted, already released) give back nothing."""
+        return int(self._release_tokens(keys=[self.keys.admitted, self.keys.admission_tokens],
+                                        args=tokens)) if tokens else 0
+
+    def consume(self, tokens: list[str]) -> None:
+        """Learner: these trained trajectories keep their slots for good (checkpointed)."""
+        if tokens:
+            self.client.srem(self.keys.admission_tokens, *tokens)
 
 
 def set_limits(client: redis.Redis, keys: Keys, batch_size: int, max_staleness: int,
@@ -60,3 +95,22 @@ def set_limits(client: redis.Redis, keys: Keys, batch_size: int, max_staleness: 
     if reset:
         pipe.set(keys.admitted, 0)
     pipe.execute()
+
+
+def token_of(msg: object) -> str:
+    """The admission token a Trajectory or ScoredTrajectory carries: its prompt's id."""
+    return getattr(msg, "trajectory", msg).prompt.prompt_id  # type: ignore[attr-defined]
+
+
+def release_poison(admission: Admission, expect: type) -> Callable[[Entry], None]:
+    """on_poison callback for downstream stages: a dead-lettered poison entry gives back its
+    slot if it decodes to an admitted trajectory (garbage gives back nothing)."""
+    from shared.wire import WireError, decode
+
+    def release(entry: Entry) -> None:
+        try:
+            msg = decode(entry.payload, expect)
+        except WireError:
+            return
+        admission.release_tokens([token_of(msg)])
+    return release

@@ -1,8 +1,9 @@
 """Each service's HTTP side: `/healthz` (is the loop making progress?) and Prometheus `/metrics`.
 
 The service loop calls `Heartbeat.beat(state)` on every iteration, idle waits included; the
-health check fails (503) when no beat came within `max_age_s` (a hung or dead loop), or
-after the loop reported a fatal error. FastAPI + uvicorn run in a daemon thread so the loop
+health check fails (503) when no beat came within `max_age_s` (a hung or dead loop), after
+the loop reported a fatal error, or while the Redis probe (every 2 s, `opd_redis_up`) gets
+no answer. FastAPI + uvicorn run in a daemon thread so the loop
 owns the main thread. Metrics live in a per-service `CollectorRegistry` (no globals).
 """
 
@@ -24,6 +25,7 @@ class Heartbeat:
         self.max_age_s = max_age_s
         self.state = "starting"
         self.error: str | None = None
+        self.redis_error: str | None = None  # set by the Redis probe while Redis is unreachable
         self._last = time.monotonic()
 
     def beat(self, state: str | None = None) -> None:
@@ -38,7 +40,7 @@ class Heartbeat:
         return time.monotonic() - self._last
 
     def healthy(self) -> bool:
-        return self.error is None and self.age() < self.max_age_s
+        return self.error is None and self.redis_error is None and self.age() < self.max_age_s
 
 
 class ServiceMetrics:
@@ -64,6 +66,8 @@ class ServiceMetrics:
                                 "Seconds of pipeline work outside the compute stage, by part "
                                 "(codec: encode/decode; weights: save, announce, load; checkpoint)",
                                 [*labels, "part"], registry=r)
+        self.redis_up = Gauge("opd_redis_up", "1 while this replica's Redis probe gets answers, else 0",
+                              list(labels), registry=r).labels(**labels)
         self.batch_seconds = Histogram(
             "opd_batch_seconds", "Wall time of one compute batch", list(labels), registry=r,
             buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100)).labels(**labels)
@@ -108,13 +112,13 @@ def serve(
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    app = FastAPI(title="opd service", docs_url=None, redoc_url=None)
+    app = FastAPI(title="opd service", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
         body = {"ok": heartbeat.healthy(), "state": heartbeat.state,
                 "last_progress_age_s": round(heartbeat.age(), 3), "error": heartbeat.error,
-                **info()}
+                "redis": heartbeat.redis_error or "ok", **info()}
         return JSONResponse(body, status_code=200 if body["ok"] else 503)
 
     @app.get("/metrics")

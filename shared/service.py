@@ -14,13 +14,15 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
 
 import redis
 
 from shared.monitoring import Heartbeat, ServiceMetrics, serve
 from shared.settings import ServiceSettings
-from shared.streams import Entry, Keys, StreamConsumer, connect, wait_for_redis
+from shared.streams import (DeadLetters, Entry, Keys, RedisFatal, StreamConsumer, connect, ping, probe_client,
+                            wait_for_redis)
 from shared.wire import Message, WireError, decode
 
 log = logging.getLogger("opd")
@@ -42,6 +44,15 @@ class Context:
         self.metrics = ServiceMetrics(name, settings.replica)
         self.heartbeat = Heartbeat(settings.health_max_age_s)
         self._report_lock = threading.Lock()  # the loop and the report thread both report
+
+    def consumer(self, stream: str, group: str,
+                 on_poison: Callable[[Entry], None] = lambda entry: None) -> StreamConsumer:
+        """This replica's consumer of `stream`, with the service's reclaim and dead-letter settings."""
+        s = self.settings
+        return StreamConsumer(self.client, stream, group, s.replica, reclaim_idle_ms=int(s.reclaim_idle_s * 1000),
+                              max_deliveries=s.max_deliveries, dead_stream=self.keys.dead,
+                              dead_letters=DeadLetters(s.dead_letter_max_entries, s.dead_letter_max_payload_bytes),
+                              on_poison=lambda entry: (self.metrics.error("poison_message"), on_poison(entry)))
 
     def report(self, info: Callable[[], dict[str, Any]]) -> None:
         """Write this replica's counters and `info()` to the run's `replicas` hash (read by demo
@@ -65,6 +76,19 @@ def _report_loop(ctx: Context, worker: Worker, stop: threading.Event, every_s: f
         ctx.report(worker.info)
 
 
+def _redis_probe(ctx: Context, stop: threading.Event, every_s: float = 2.0) -> None:
+    """Redis reachability in /healthz and opd_redis_up, also while the loop is stuck retrying."""
+    client = probe_client(ctx.settings.redis_url)
+    while not stop.wait(every_s):
+        try:
+            ping(client)
+            ctx.heartbeat.redis_error = None
+            ctx.metrics.redis_up.set(1)
+        except (redis.RedisError, RedisFatal) as e:
+            ctx.heartbeat.redis_error = f"unreachable: {e}"
+            ctx.metrics.redis_up.set(0)
+
+
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from transformers.utils import logging as hf_logging
@@ -80,8 +104,12 @@ def run_service(name: str, settings: ServiceSettings, build: Callable[[Context],
         import torch
 
         torch.set_num_threads(settings.torch_threads)
+    try:
+        wait_for_redis(settings.redis_url, timeout_s=60)
+    except RedisFatal as e:  # one clear line, no traceback, no minutes of retries
+        raise SystemExit(f"opd-{name}: {e}") from None
     ctx = Context(name, settings)
-    wait_for_redis(ctx.client, timeout_s=60)
+    ctx.metrics.redis_up.set(1)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -95,6 +123,7 @@ def run_service(name: str, settings: ServiceSettings, build: Callable[[Context],
     log.info("%s %s started (run=%s, redis=%s)", name, settings.replica, settings.run,
              settings.redis_url.split("@")[-1])
     threading.Thread(target=_report_loop, args=(ctx, worker, stop), name="report", daemon=True).start()
+    threading.Thread(target=_redis_probe, args=(ctx, stop), name="redis-probe", daemon=True).start()
     try:
         worker.run(stop)
     except BaseException as e:
@@ -106,31 +135,77 @@ def run_service(name: str, settings: ServiceSettings, build: Callable[[Context],
     log.info("%s %s stopped", name, settings.replica)
 
 
+@dataclass
+class Decoded(Generic[M]):
+    """A batch of entries after decoding: the valid messages with their entry ids, and what
+    was dead-lettered (`invalid`: the ones that decoded but failed a check, whose admission
+    tokens can be released; `dead`: how many in all)."""
+
+    messages: list[M] = field(default_factory=list)
+    ids: list[bytes] = field(default_factory=list)
+    invalid: list[M] = field(default_factory=list)
+    dead: int = 0
+
+
 def decode_batch(
     ctx: Context,
     consumer: StreamConsumer,
     entries: list[Entry],
     expect: type[M],
     check: Callable[[M], None] = lambda _: None,
-) -> tuple[list[M], list[bytes], int]:
+) -> Decoded[M]:
     """Decode entries; invalid ones (WireError from decode or `check`) go to the dead-letter
-    stream with their reason. Returns (messages, their entry ids, number dead-lettered by
-    us). Each dead-lettered trajectory gives back one admission slot (shared/admission.py):
-    it may have been admitted, and a leaked slot could stall a synchronous run for good."""
-    msgs: list[M] = []
-    ids: list[bytes] = []
-    dead = 0
+    stream with their reason. The caller gives back what their admission slots are owed."""
+    out: Decoded[M] = Decoded()
     for entry in entries:
+        msg = None
         try:
             with ctx.metrics.timed("codec"):
                 msg = decode(entry.payload, expect)
             check(msg)
         except WireError as e:
-            if consumer.dead_letter(ctx.keys.dead, entry, str(e)):
-                dead += 1
-                ctx.metrics.error("invalid_message")
-                log.warning("%s: dead-lettered %s from %s: %s", ctx.name, entry.id, consumer.stream, e)
+            if dead_letter(ctx, consumer, entry, str(e)):
+                out.dead += 1
+                if msg is not None:
+                    out.invalid.append(msg)
             continue
-        msgs.append(msg)
-        ids.append(entry.id)
-    return msgs, ids, dead
+        out.messages.append(msg)
+        out.ids.append(entry.id)
+    return out
+
+
+def dead_letter(ctx: Context, consumer: StreamConsumer, entry: Entry, reason: str,
+                kind: str = "invalid_message") -> bool:
+    """Move one entry to the run's dead-letter stream with its reason; counts it as an error."""
+    if not consumer.dead_letter(ctx.keys.dead, entry, reason):
+        return False  # reclaimed by another replica meanwhile: theirs to handle
+    ctx.metrics.error(kind)
+    log.warning("%s: dead-lettered %s from %s: %s", ctx.name, entry.id, consumer.stream, reason)
+    return True
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def isolate(items: list[T], process: Callable[[list[T]], list[R]]) -> tuple[list[R | None], list[tuple[int, Exception]]]:
+    """process(items) -> one result per item; if it raises, process each item alone so one bad
+    message cannot fail its whole batch. Returns the results (None where an item failed) and
+    the (index, exception) failures. When every item fails alone too, the failure is not the
+    messages' (a broken model, out of memory): the original exception propagates."""
+    try:
+        return list(process(items)), []
+    except Exception as batch_error:
+        if len(items) == 1:
+            raise
+        results: list[R | None] = []
+        failures: list[tuple[int, Exception]] = []
+        for i, item in enumerate(items):
+            try:
+                results.append(process([item])[0])
+            except Exception as e:  # this one message fails: dead-letter it, keep the rest
+                results.append(None)
+                failures.append((i, e))
+        if len(failures) == len(items):
+            raise batch_error
+        return results, failures

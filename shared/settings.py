@@ -59,6 +59,14 @@ class ServiceSettings(BaseSettings):
     """/healthz fails when the service loop made no progress for this long."""
     reclaim_idle_s: float = 60.0
     """Entries pending this long with a consumer are presumed lost and reclaimed."""
+    max_deliveries: int = Field(default=5, ge=0)
+    """An entry delivered this many times without being handed off (it keeps failing or killing
+    its consumers) is dead-lettered when next reclaimed (0: no cap)."""
+    dead_letter_max_entries: int = Field(default=10_000, ge=1)
+    """The dead-letter stream keeps about this many newest entries (totals stay in the run's
+    `produced` hash and opd_errors_total)."""
+    dead_letter_max_payload_bytes: int = Field(default=65_536, ge=0)
+    """Bytes of each dead-lettered message kept with its reason (its full size is recorded)."""
     device: str = "auto"
     """Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1..."""
     torch_threads: int = 0

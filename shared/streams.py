@@ -78,6 +78,16 @@ class Keys:
         return self._k("admitted")
 
     @property
+    def admission_tokens(self) -> str:
+        """Set: prompt ids admitted and not yet trained or released (each releases once)."""
+        return self._k("admission_tokens")
+
+    @property
+    def record(self) -> str:
+        """Hash: the run-wide invariants (top_k, draws, mc_samples), see shared/run_record.py."""
+        return self._k("record")
+
+    @property
     def limits(self) -> str:
         """Hash: batch_size and max_staleness, written by the learner, read by admission."""
         return self._k("limits")
@@ -100,29 +110,35 @@ class Keys:
     def all(self) -> list[str]:
         return [
             self.prompts, self.trajectories, self.scored, self.dead,
-            self.weights, self.versions, self.version, self.admitted, self.limits, self.replicas, self.produced, self.stats,
+            self.weights, self.versions, self.version, self.admitted, self.admission_tokens, self.record,
+            self.limits, self.replicas, self.produced, self.stats,
         ]
 
 
 GROUPS = {"prompts": "rollout", "trajectories": "teacher", "scored": "learner"}
 
 # KEYS: downstream stream, source stream, produced-counts hash. ARGV: group, consumer, E entries, F values per
-# entry, E*F field/value items, then the source ids (E of them, paired with the entries, or
-# any number when E = 0). An id is handled only while it is still pending for this
+# entry, maxlen of the downstream stream (0: none; the dead-letter stream is capped, work
+# streams never are), E*F field/value items, then the source ids (E of them, paired with
+# the entries, or any number when E = 0). An id is handled only while it is still pending for this
 # consumer: if another replica reclaimed it (we were presumed dead), our late result is
 # dropped instead of duplicated (fencing). Writes come before acks, and an error aborts the
 # script before any ack (unlike MULTI/EXEC, which would ack after a failed XADD, e.g. OOM).
 # The produced-counts hash counts, per downstream stream, every entry ever handed off.
 _MOVE = """
-local e, f = tonumber(ARGV[3]), tonumber(ARGV[4])
-local first = 5 + e * f
+local e, f, maxlen = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local first = 6 + e * f
 local owned = {}
 for j = first, #ARGV do
   local p = redis.call('XPENDING', KEYS[2], ARGV[1], ARGV[j], ARGV[j], 1, ARGV[2])
   if #p > 0 then owned[#owned + 1] = ARGV[j] end
   if #p > 0 and e > 0 then
     local i = j - first
-    redis.call('XADD', KEYS[1], '*', unpack(ARGV, 5 + i * f, 4 + (i + 1) * f))
+    if maxlen > 0 then
+      redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(ARGV, 6 + i * f, 5 + (i + 1) * f))
+    else
+      redis.call('XADD', KEYS[1], '*', unpack(ARGV, 6 + i * f, 5 + (i + 1) * f))
+    end
   end
 end
 if e > 0 and #owned > 0 then
@@ -134,6 +150,23 @@ if #owned > 0 then
 end
 return #owned
 """
+
+
+# Raw XAUTOCLAIM ... JUSTID (redis-py's parser drops the cursor): ownership moves to us
+# without the payload and without raising the delivery counter.
+_AUTOCLAIM_IDS = """
+return redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5], 'JUSTID')
+"""
+
+
+@dataclass(frozen=True)
+class DeadLetters:
+    """Caps of the dead-letter stream, so bad input cannot grow Redis without bound: at most
+    ~max_entries entries (oldest trimmed; the run's `produced` hash keeps the total count)
+    holding at most max_payload_bytes of each original message."""
+
+    max_entries: int = 10_000
+    max_payload_bytes: int = 65_536
 
 
 def _produced_key(stream: str) -> str:
@@ -152,16 +185,45 @@ def connect(url: str) -> redis.Redis:
     )
 
 
-def wait_for_redis(client: redis.Redis, timeout_s: float = 30.0) -> None:
-    """Block until the server answers PING; raise the last error after `timeout_s`."""
+class RedisFatal(RuntimeError):
+    """A Redis error that retrying cannot fix: wrong password, no password, bad database."""
+
+
+def probe_client(url: str, timeout_s: float = 2.0) -> redis.Redis:
+    """A client without retries, for start-up checks and the health probe: each call answers
+    within `timeout_s` instead of retrying for minutes like the services' client."""
+    return redis.Redis.from_url(url, retry=Retry(ExponentialBackoff(), 0), socket_timeout=timeout_s,
+                                socket_connect_timeout=timeout_s)
+
+
+def ping(client: redis.Redis) -> None:
+    """PING; errors no retry can fix raise RedisFatal with the cause, unreachability propagates."""
+    where = "{host}:{port}/{db}".format(**{k: client.connection_pool.connection_kwargs.get(k)
+                                           for k in ("host", "port", "db")})
+    try:
+        client.ping()
+    except (redis.AuthenticationError, redis.AuthorizationError) as e:
+        raise RedisFatal(f"Redis at {where} refused this client ({e}): check the password in REDIS_URL "
+                         "(redis://:PASSWORD@host:port/db)") from None
+    except redis.ResponseError as e:  # NOAUTH, a database index out of range, ...
+        raise RedisFatal(f"Redis at {where} answered an error: {e}: check REDIS_URL") from None
+
+
+def wait_for_redis(url: str, timeout_s: float = 30.0) -> None:
+    """Block until the server answers PING; RedisFatal at once for errors retrying cannot fix,
+    or after `timeout_s` of unreachability."""
+    client = probe_client(url)
     deadline = time.monotonic() + timeout_s
+    next_note = time.monotonic() + 5
     while True:
         try:
-            client.ping()
-            return
-        except (redis.ConnectionError, redis.TimeoutError):
+            return ping(client)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
             if time.monotonic() > deadline:
-                raise
+                raise RedisFatal(f"Redis unreachable for {timeout_s:.0f} s: {e}") from None
+            if time.monotonic() > next_note:
+                log.warning("waiting for Redis: %s", e)
+                next_note = time.monotonic() + 5
             time.sleep(0.2)
 
 
@@ -184,13 +246,20 @@ class StreamConsumer:
         consumer: str,
         *,
         reclaim_idle_ms: int = 60_000,
+        max_deliveries: int = 5,
+        dead_stream: str | None = None,
+        dead_letters: DeadLetters = DeadLetters(),
+        on_poison: Callable[[Entry], None] = lambda entry: None,
     ) -> None:
         self.client, self.stream, self.group, self.consumer = client, stream, group, consumer
-        self.reclaim_idle_ms = reclaim_idle_ms
+        self.reclaim_idle_ms, self.max_deliveries = reclaim_idle_ms, max_deliveries
+        self.dead_stream = dead_stream or stream.rsplit(":", 1)[0] + ":dead"
+        self.dead_letters, self.on_poison = dead_letters, on_poison
         self.held: set[bytes] = set()  # delivered to us, not yet acked: never reclaim our own
         self._cursor: bytes | str = "0-0"  # XAUTOCLAIM scan position
         self._min_idle_ms: int | None = None  # set by take_over_pending
         self._move_script = client.register_script(_MOVE)
+        self._autoclaim_script = client.register_script(_AUTOCLAIM_IDS)
         ensure_group(client, stream, group)
 
     def read(self, count: int, block_ms: int = 1000) -> list[Entry]:
@@ -228,20 +297,40 @@ class StreamConsumer:
             return command(*args, **kwargs)
 
     def reclaim(self, count: int) -> list[Entry]:
-        """XAUTOCLAIM entries left pending by a dead (or stuck) consumer, scanning the
-        pending list with a cursor so entries we hold ourselves never crowd others out."""
+        """Entries left pending (idle > reclaim_idle_ms) by a dead or stuck consumer, scanning the
+        pending list with a cursor. Ids are claimed first without payloads (JUSTID), so entries
+        we hold ourselves are neither re-downloaded nor counted as redelivered; an entry already
+        delivered max_deliveries times (it keeps killing its consumers) is dead-lettered."""
         idle = self.reclaim_idle_ms if self._min_idle_ms is None else self._min_idle_ms
-        cursor, claimed, *rest = self._grouped(
-            self.client.xautoclaim,
-            self.stream, self.group, self.consumer, idle, self._cursor, count=count,
-        )
-        deleted = rest[0] if rest else []  # Redis >= 7 also reports deleted ids
+        cursor, ids, *rest = self._grouped(
+            self._autoclaim_script, keys=[self.stream],
+            args=[self.group, self.consumer, idle, self._cursor, count])
         self._cursor = cursor
-        if deleted:  # pending ids whose entries are gone: nothing to process, clear them
-            self.client.xack(self.stream, self.group, *deleted)
+        if rest and rest[0]:  # pending ids whose entries are gone (Redis >= 7): clear them
+            self.client.xack(self.stream, self.group, *rest[0])
         if cursor in (b"0-0", "0-0"):
             self._min_idle_ms = None  # a full pass is done: back to normal reclaiming
-        return self._hold([e for e in _entries(claimed) if e.id not in self.held])
+        ids = [i for i in ids if i not in self.held]
+        if not ids:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for i in ids:
+            pipe.xpending_range(self.stream, self.group, i, i, 1)
+        delivered = {i: (p[0]["times_delivered"] if p else 0) for i, p in zip(ids, pipe.execute())}
+        poison = [i for i in ids if self.max_deliveries > 0 and delivered[i] >= self.max_deliveries]
+        healthy = [i for i in ids if i not in poison]
+        for i in poison:
+            for entry in _entries(self.client.xrange(self.stream, i, i)):
+                self._dead_letter_poison(entry, delivered[i])
+        claimed = self.client.xclaim(self.stream, self.group, self.consumer, 0, healthy) if healthy else []
+        return self._hold(_entries(claimed))
+
+    def _dead_letter_poison(self, entry: Entry, delivered: int) -> None:
+        reason = (f"delivered {delivered} times without being handed off (max_deliveries "
+                  f"{self.max_deliveries}): it keeps failing or killing its consumers")
+        if self.dead_letter(self.dead_stream, entry, reason):
+            log.error("%s: dead-lettered poison entry %s: %s", self.stream, entry.id, reason)
+            self.on_poison(entry)
 
     def ack(self, ids: Sequence[bytes]) -> int:
         """Ack and delete consumed entries we still own; returns how many."""
@@ -255,11 +344,14 @@ class StreamConsumer:
     def dead_letter(self, dead_stream: str, entry: Entry, reason: str) -> bool:
         """Move an entry to the dead-letter stream with its reason, and ack it; False if
         another consumer had reclaimed it meanwhile (then it is theirs to handle)."""
-        fields = [FIELD, entry.payload, b"reason", reason[:2000].encode(),
-                  b"source", self.stream.encode(), b"id", entry.id]
-        return self._move(dead_stream, [fields], [entry.id]) == 1
+        cap = self.dead_letters
+        payload = entry.payload[:cap.max_payload_bytes]
+        fields = [FIELD, payload, b"reason", reason[:2000].encode(), b"source", self.stream.encode(),
+                  b"id", entry.id, b"bytes", str(len(entry.payload)).encode()]
+        return self._move(dead_stream, [fields], [entry.id], maxlen=cap.max_entries) == 1
 
-    def _move(self, stream: str | None, entries: Sequence[list[bytes]], ids: Sequence[bytes]) -> int:
+    def _move(self, stream: str | None, entries: Sequence[list[bytes]], ids: Sequence[bytes],
+              maxlen: int = 0) -> int:
         """Write entries (paired with ids) and ack+delete ids we still own; returns how many."""
         if entries and len(entries) != len(ids):
             raise ValueError("hand-off needs exactly one output per input id")
@@ -270,7 +362,7 @@ class StreamConsumer:
             flat = [x for fields in part for x in fields]
             owned += self._move_script(
                 keys=[stream or self.stream, self.stream, _produced_key(self.stream)],
-                args=[self.group, self.consumer, len(part), width, *flat, *ids[start:start + MOVE_CHUNK]])
+                args=[self.group, self.consumer, len(part), width, maxlen, *flat, *ids[start:start + MOVE_CHUNK]])
         self.held.difference_update(ids)
         if owned < len(ids):
             log.warning("%s: %d of %d entries were reclaimed by another consumer; their results "

@@ -308,6 +308,8 @@ class ScoredTrajectory:
         n, s = traj.num_tokens, scores
         if s.topk_ids_TK.shape[0] != n or s.topk_logprobs_TK.shape != s.topk_ids_TK.shape:
             raise WireError(f"{where}.teacher: top-k arrays must be ({n}, k) and equal shape")
+        if s.topk_ids_TK.shape[1] < 1:
+            raise WireError(f"{where}.teacher: top-k width must be >= 1")
         if s.tail_mass_T.shape != (n,) or s.sampled_logprobs_T.shape != (n,):
             raise WireError(f"{where}.teacher: per-position arrays must be ({n},)")
         mc_shape = None if traj.mc_ids_TN is None else traj.mc_ids_TN.shape
@@ -317,7 +319,24 @@ class ScoredTrajectory:
         if draw != (None if s.draw_logprobs_TN is None else s.draw_logprobs_TN.shape) or (
                 draw is not None and (draw[0] != n or draw[1] < 1)):
             raise WireError(f"{where}.teacher: draw_ids/draw_logprobs must both be ({n}, N >= 1) or absent")
+        _check_topk(s, f"{where}.teacher")
         return cls(traj, scores)
+
+
+TOPK_SLACK = 1e-3  # float32/bf16 rounding of normalised log-probs
+
+
+def _check_topk(s: TeacherScores, where: str) -> None:
+    """A real top-k of a distribution: sorted descending, mass <= 1, and the tail mass is
+    what the top-k leaves (1 - sum p, clamped to [0, 1]), each within TOPK_SLACK."""
+    lp = s.topk_logprobs_TK
+    if lp.shape[1] > 1 and not (np.diff(lp, axis=1) <= TOPK_SLACK).all():
+        raise WireError(f"{where}.topk_logprobs: not sorted in descending order")
+    mass = np.exp(lp, dtype=np.float64).sum(axis=1)
+    if mass.size and mass.max() > 1 + TOPK_SLACK:
+        raise WireError(f"{where}.topk_logprobs: top-k probabilities sum to {mass.max():.4f} > 1")
+    if mass.size and np.abs(np.clip(1 - mass, 0, 1) - s.tail_mass_T).max() > TOPK_SLACK:
+        raise WireError(f"{where}.tail_mass: differs from 1 - sum of the top-k probabilities")
 
 
 @dataclass
@@ -372,7 +391,10 @@ def encode(msg: Message) -> bytes:
 
 
 def _check_schema(header: dict[str, Any]) -> None:
-    if (schema := header.get("schema")) != SCHEMA_VERSION:
+    schema = header.get("schema")
+    if schema is not None and type(schema) is not int:  # 2.0 or True equal 2 in Python: not on this wire
+        raise WireError(f"schema must be an int, got {type(schema).__name__} {schema!r}")
+    if schema != SCHEMA_VERSION:
         raise WireError(f"unknown schema version {schema!r}; this build reads {SCHEMA_VERSION}")
 
 
@@ -385,6 +407,8 @@ def _split(view: memoryview) -> tuple[Any, memoryview]:
             other = None
         if isinstance(other, dict):
             _check_schema(other)
+        if other is not None:  # valid msgpack, wrong structure
+            raise WireError(f"valid msgpack but a {type(other).__name__}, not a [header, blob] array")
         raise WireError("not valid msgpack: expected a [header, blob] array")
     unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=len(view))
     fed, chunk = 1, 4096

@@ -175,3 +175,63 @@ def test_large_acks_and_hand_offs_are_chunked(client, keys):
     assert len(entries) == n
     assert c.ack([e.id for e in entries]) == n
     assert c.pending() == 0 and client.xlen(keys.scored) == 0
+
+
+def test_an_entry_that_keeps_killing_consumers_is_dead_lettered(client, keys):
+    """Each "crash" is a consumer that took the entry and vanished; after max_deliveries
+    deliveries the next reclaim dead-letters it with the reason instead of handing it out."""
+    produce(client, keys.trajectories, [b"poison", b"fine"])
+    poisoned = []
+    first = StreamConsumer(client, keys.trajectories, "teacher", "c0", reclaim_idle_ms=0, max_deliveries=3)
+    assert len(first.read(2, block_ms=100)) == 2  # delivery 1 of both, then c0 dies
+    handed = 0
+    for n in range(1, 5):
+        c = StreamConsumer(client, keys.trajectories, "teacher", f"c{n}", reclaim_idle_ms=0,
+                           max_deliveries=3, on_poison=poisoned.append)
+        got = c.reclaim(10)
+        fine = [e for e in got if e.payload == b"fine"]
+        if fine and n == 1:  # the healthy entry is handed off by the first replica that reclaims it
+            handed += c.hand_off([fine[0].id], keys.scored, [b"F"])
+    dead = client.xrange(keys.dead)
+    assert handed == 1 and len(dead) == 1 and [e.payload for e in poisoned] == [b"poison"]
+    fields = dead[0][1]
+    assert fields[b"m"] == b"poison" and b"delivered 3 times" in fields[b"reason"]
+    assert client.xlen(keys.trajectories) == 0  # nothing left to crash on
+
+
+def test_reclaiming_our_own_held_entries_neither_downloads_nor_counts(client, keys):
+    produce(client, keys.scored, [b"x" * 1000] * 4)
+    c = StreamConsumer(client, keys.scored, "learner", "l0", reclaim_idle_ms=0)
+    assert len(c.read(4, block_ms=100)) == 4
+    for _ in range(3):
+        assert c.reclaim(10) == []  # ours: skipped without taking the payloads again
+    counts = [p["times_delivered"] for p in client.xpending_range(keys.scored, "learner", "-", "+", 10)]
+    assert counts == [1, 1, 1, 1]
+
+
+def test_dead_letter_stream_is_capped_in_length_and_payload(client, keys):
+    from shared.streams import DeadLetters, Entry
+
+    c = StreamConsumer(client, keys.prompts, "rollout", "r0", dead_letters=DeadLetters(max_entries=5,
+                                                                                       max_payload_bytes=8))
+    produce(client, keys.prompts, [b"y" * 100] * 300)
+    entries = c.read(300, block_ms=100)
+    for e in entries:
+        assert c.dead_letter(keys.dead, Entry(e.id, e.payload), "bad")
+    assert client.xlen(keys.dead) < 300 and client.xlen(keys.dead) >= 5  # trimmed (approximately)
+    last = client.xrange(keys.dead)[-1][1]
+    assert last[b"m"] == b"y" * 8 and last[b"bytes"] == b"100"
+    assert int(client.hget(keys.produced, keys.dead)) == 300  # the total survives the trimming
+
+
+def test_admission_tokens_release_each_slot_once_and_never_for_strangers(client, keys):
+    adm = Admission(client, keys)
+    set_limits(client, keys, batch_size=4, max_staleness=0)
+    client.set(keys.version, 0)
+    assert adm.request(4)[0] == 4
+    adm.hold(["p0", "p1", "p2", "p3"])
+    assert adm.release_tokens(["garbage", "other"]) == 0  # never admitted: no slot comes back
+    assert adm.release_tokens(["p1", "p1"]) == 1 and adm.release_tokens(["p1"]) == 0  # once
+    adm.consume(["p0", "p2"])  # trained: the slots stay taken
+    assert adm.release_tokens(["p0", "p2"]) == 0
+    assert int(client.get(keys.admitted)) == 3 and client.smembers(keys.admission_tokens) == {b"p3"}

@@ -18,8 +18,10 @@ def make_scored(t: int = 5, k: int = 4, n: int = 3, version: int = 7) -> ScoredT
     traj = Trajectory("t1", prompt, comp, -rng.random(t).astype(np.float32),
                       np.array([version] * (t - 1) + [version + 1], np.int32),
                       mc, -rng.random((t, n)).astype(np.float32), "eos", "r0", 1.0, 2.0)
-    scores = TeacherScores(rng.integers(0, 20, (t, k)).astype(np.int32),
-                           -rng.random((t, k)).astype(np.float32), rng.random(t).astype(np.float32),
+    probs = rng.dirichlet(np.ones(k + 1), t)[:, :k]  # a top-k of a real distribution, plus its tail
+    topk_lp = np.sort(np.log(probs), axis=1)[:, ::-1].astype(np.float32)
+    tail = (1 - np.exp(topk_lp, dtype=np.float64).sum(1)).astype(np.float32)
+    scores = TeacherScores(rng.integers(0, 20, (t, k)).astype(np.int32), topk_lp, tail,
                            -rng.random(t).astype(np.float32), -rng.random((t, n)).astype(np.float32),
                            draw_ids_TN=rng.integers(0, 20, (t, 2)).astype(np.int32),
                            draw_logprobs_TN=-rng.random((t, 2)).astype(np.float32),
@@ -126,6 +128,14 @@ def put(field: tuple[str, str], values: np.ndarray):
     (tamper(lambda b: None, put(("teacher", "sampled_logprobs"), np.array([0, 2.0], np.float32))), "<= 0"),
     (tamper(lambda b: None, put(("teacher", "tail_mass"), np.array([1.5], np.float32))), r"in \[0, 1\]"),
     (tamper(lambda b: b.update(weight_version=0)), "disagrees"),
+    (tamper(lambda b: b.update(schema=2.0)), "schema must be an int"),
+    (tamper(lambda b: b.update(schema=True)), "schema must be an int"),
+    (msgpack.packb({"a": 1}), "unknown schema version None"),
+    (msgpack.packb("text"), "valid msgpack but a str"),
+    (tamper(lambda b: None, put(("teacher", "topk_logprobs"), np.zeros(20, np.float32))), "sum to 4.0000 > 1"),
+    (tamper(lambda b: None, put(("teacher", "topk_logprobs"),
+                                np.log(np.tile([0.1, 0.2, 0.3, 0.35], 5)).astype(np.float32))), "not sorted"),
+    (tamper(lambda b: None, put(("teacher", "tail_mass"), np.full(5, 0.9, np.float32))), "differs from 1 - sum"),
     (tamper(lambda b: b["trajectory"].update(traj_id=5)), "traj_id"),
 ])
 def test_bad_payloads_are_rejected_with_a_reason(payload, message):
@@ -151,14 +161,18 @@ def test_empty_mc_sample_axis_rejected():
 
 
 def test_large_header_and_empty_arrays_round_trip():
-    """Headers longer than the first feed chunk, and zero-size arrays, decode exactly."""
+    """Headers longer than the first feed chunk decode exactly; a zero-width top-k is refused."""
     p = Prompt("x" * 100_000, np.array([1], np.int32), "y" * 50_000, weight_version=1)
     assert_arrays_equal(p, decode(encode(p), Prompt))
     msg = make_scored()
     msg.scores.topk_ids_TK = np.zeros((5, 0), np.int32)
     msg.scores.topk_logprobs_TK = np.zeros((5, 0), np.float32)
-    back = decode(encode(msg), ScoredTrajectory)
-    assert back.scores.topk_ids_TK.shape == (5, 0)
+    with pytest.raises(WireError, match="top-k width must be >= 1"):  # K = 0 is no teacher cache
+        decode(encode(msg), ScoredTrajectory)
+    e = Prompt("e", np.array([1], np.int32), "", weight_version=0)
+    e.prompt_ids_P = np.zeros(0, np.int32)
+    with pytest.raises(WireError, match="empty prompt"):
+        decode(encode(e), Prompt)
 
 
 def test_mc_column_zero_must_be_sampled_token():

@@ -24,9 +24,11 @@ def scored_batch(b: int, t: int, k: int, n: int = 1, prompt_len: int = 32, vocab
         mc_lp = None if mc is None else -rng.random((t, n)).astype(np.float32)
         traj = Trajectory(f"t{i}", Prompt(f"p{i}", rng.integers(0, vocab, prompt_len).astype(np.int32), "", 3),
                           comp, -rng.random(t).astype(np.float32), np.full(t, 3, np.int32), mc, mc_lp)
-        lp = np.sort(-rng.random((t, k)).astype(np.float32) * 10, axis=1)[:, ::-1].copy()
-        scores = TeacherScores(rng.integers(0, vocab, (t, k)).astype(np.int32), lp,
-                               rng.random(t).astype(np.float32), -rng.random(t).astype(np.float32),
+        probs = rng.dirichlet(np.ones(k + 1), t)[:, :k]  # a real top-k: sorted, mass <= 1, its tail
+        lp = np.sort(np.log(probs), axis=1)[:, ::-1].astype(np.float32)
+        tail = (1 - np.exp(lp, dtype=np.float64).sum(1)).clip(0, 1).astype(np.float32)
+        scores = TeacherScores(rng.integers(0, vocab, (t, k)).astype(np.int32), lp, tail,
+                               -rng.random(t).astype(np.float32),
                                None if mc is None else -rng.random((t, n)).astype(np.float32))
         out.append(ScoredTrajectory(traj, scores))
     return out

@@ -75,8 +75,9 @@ class LearnerSettings(ScoringSettings):
     """Published weight versions kept on disk (older ones are deleted)."""
     output_dir: str = "runs/default/student"
     """Where the final student (HF checkpoint + tokenizer) is saved when the run ends."""
-    fresh: bool = True
-    """When starting without a checkpoint (a new run), delete this run's streams and keys first."""
+    reset: bool = False
+    """Delete this run's streams, keys and checkpoints before starting: the run starts over. Without
+    it a learner resumes from its newest checkpoint, and refuses a run that has state but no checkpoint."""
     resume: bool = True
     """Resume from the newest checkpoint in checkpoint_dir if there is one."""
     checkpoint_dir: str = ""

@@ -72,6 +72,13 @@ class Trainer:
         self.model.eval()
         return metrics
 
+    @torch.no_grad()
+    def probe(self, batch: list[ScoredTrajectory]) -> list[float]:
+        """The loss of these trajectories without training (finding messages that fail alone)."""
+        with self._autocast():
+            loss = float(objective(self.inputs(batch), self.objective).loss)
+        return [loss] * len(batch)
+
     def plan(self, batch: list[ScoredTrajectory]) -> list[list[int]]:
         """Micro-batches (indices into batch) under the token budget, by packed sequence length."""
         return microbatches([b.trajectory.prompt.prompt_ids_P.size + b.trajectory.num_tokens

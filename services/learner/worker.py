@@ -1,11 +1,16 @@
 """Learner loop: collect B fresh-enough scored trajectories -> AdamW step -> publish version.
 
-Start: (fresh) wipe the run's keys, write the admission limits, publish version 0, start
-the prompt feeder. Each step: read scored trajectories (reclaimed first), dead-letter
-invalid ones, drop and count those over the staleness bound (releasing their admission),
-train on B, publish the new version. Trained entries are acked only when a checkpoint
+Start: resume from the newest checkpoint; or, for a run with no state in Redis, write the
+admission limits, publish version 0 and checkpoint it at once (so a restart never finds a
+run without a checkpoint); a run with state but no checkpoint is refused unless `--reset`
+(which deletes the run's keys and checkpoints). Then start the prompt feeder. Each step:
+read scored trajectories (reclaimed first), dead-letter invalid ones (ids outside the
+student's vocabulary, widths that disagree with the run's record), drop and count those
+over the staleness bound (releasing their admission tokens), train on B, publish the new
+version. A message whose loss fails on its own is dead-lettered and the step retried
+without it. Trained entries are acked (and their tokens consumed) only when a checkpoint
 (every checkpoint_every steps) covers them, so a restarted learner resumes from the
-checkpoint and retrains exactly what it lost. End: save the final student and summary.
+checkpoint and retrains what it lost. End: save the final student and summary.
 """
 
 from __future__ import annotations
@@ -22,14 +27,19 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.learner import checkpoint
 from services.learner.settings import LearnerSettings
 from services.learner.staleness import StalenessTracker
-from shared.admission import Admission, set_limits
-from shared.service import Context, decode_batch
+from shared.admission import Admission, release_poison, set_limits
+from shared.run_record import read as read_record
+from shared.service import Context, dead_letter, decode_batch, isolate
 from shared.settings import resolve_device
 from shared.streams import Entry, StreamConsumer, backlog
 from shared.weights import announce, prune_versions, save_version
 from shared.wire import ScoredTrajectory, WireError
 
 log = logging.getLogger("opd.learner")
+
+
+class RunStateError(RuntimeError):
+    """The run has state this learner would destroy or misread: refuse, with what to do."""
 
 
 class LearnerMetrics:
@@ -80,9 +90,11 @@ class LearnerWorker:
         self.stats: dict[str, Any] = {"trained_tokens": 0, "dead_letters": 0, "correct": 0, "duplicates": 0}
         self.snapshots: dict[str, str] = {}  # replicas' reports at the first and last step (bench)
         self.consumer: StreamConsumer | None = None
-        self.shape: tuple[int, int | None, int | None] | None = None  # see check()
+        self.record: dict[str, int] = {}  # the run's invariants (shared/run_record.py), see check()
+        self.payloads: dict[bytes, bytes] = {}  # raw entries of the batch being collected
         self.consumed: dict[str, int] = {}  # trajectory id -> version it was trained at (exactly-once)
         self.unacked: list[bytes] = []  # trained entries not yet covered by a checkpoint
+        self.unacked_tokens: list[str] = []  # and their admission tokens
         self.checkpoint_dir = settings.checkpoint_dir or f"runs/{settings.run}/checkpoints"
         self.resumed: dict[str, Any] = {}  # the checkpoint state this learner started from
 
@@ -90,16 +102,21 @@ class LearnerWorker:
         return {"weight_version": self.version, "step": self.version}
 
     def check(self, msg: ScoredTrajectory) -> None:
-        """What decoding cannot know: ids fit the student, shapes fit the batch and losses."""
+        """What decoding cannot know: ids fit the student, widths fit the run and the losses."""
         t, sc = msg.trajectory, msg.scores
-        for name, ids in (("top-k", sc.topk_ids_TK), ("draw", sc.draw_ids_TN), ("MC", t.mc_ids_TN)):
+        for name, ids in (("prompt", t.prompt.prompt_ids_P), ("completion", t.completion_ids_T),
+                          ("top-k", sc.topk_ids_TK), ("draw", sc.draw_ids_TN), ("MC", t.mc_ids_TN)):
             if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
                 raise WireError(f"{name} ids outside the student vocabulary [0, {self.vocab_size})")
-        shape = (sc.topk_ids_TK.shape[1], None if t.mc_ids_TN is None else t.mc_ids_TN.shape[1],
-                 None if sc.draw_ids_TN is None else sc.draw_ids_TN.shape[1])
-        self.shape = self.shape or shape  # the first message fixes (K, N, draws) for the run
-        if shape != self.shape:
-            raise WireError(f"(top-k, MC samples, draws) = {shape}, this run uses {self.shape}")
+        widths = {"top_k": sc.topk_ids_TK.shape[1], "draws": 0 if sc.draw_ids_TN is None else sc.draw_ids_TN.shape[1],
+                  "mc_samples": 1 if t.mc_ids_TN is None else t.mc_ids_TN.shape[1]}
+        if not widths.keys() <= self.record.keys():  # complete once a teacher and a rollout claimed
+            self.record = read_record(self.ctx.client, self.ctx.keys)
+        for name, width in widths.items():
+            if name not in self.record:
+                raise WireError(f"the run's record has no {name}: no replica that produces it has registered")
+            if width != self.record[name]:
+                raise WireError(f"{name} {width}, but this run's record says {self.record[name]}")
         losses = self.s.losses
         if "rkl_mc" in losses and t.mc_ids_TN is None or "fkl_teacher_sampled" in losses and sc.draw_ids_TN is None:
             raise WireError("the configured losses need MC samples / teacher draws this message lacks")
@@ -115,8 +132,7 @@ class LearnerWorker:
                 feeder.check()
                 self._collect(batch, ids)
                 if len(batch) >= self.s.batch_size:
-                    self._train(batch, ids)
-                    batch, ids = [], []
+                    batch, ids = self._train(batch, ids)
         finally:
             feeder.close()
         self._finish(completed=self._done())
@@ -128,12 +144,21 @@ class LearnerWorker:
         from services.learner.feeder import PromptFeeder, builtin_problems, file_problems
 
         ctx, keys = self.ctx, self.ctx.keys
-        ckpt = checkpoint.latest(self.checkpoint_dir) if self.s.resume else None
-        if ckpt is None and self.s.fresh:
+        if self.s.reset:  # explicit: the run's streams, counts and checkpoints go
+            import shutil
+
             ctx.client.delete(*keys.all())
+            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+            log.warning("--reset: deleted run %r's keys and checkpoints in %s", self.s.run, self.checkpoint_dir)
+        ckpt = checkpoint.latest(self.checkpoint_dir) if self.s.resume else None
+        if ckpt is None and ctx.client.exists(keys.version, keys.stats):
+            raise RunStateError(
+                f"run {self.s.run!r} already has state in Redis (version {ctx.client.get(keys.version)!r}) but no "
+                f"checkpoint in {self.checkpoint_dir}: pass --checkpoint-dir with its checkpoints to resume, "
+                "--reset to delete the run and start over, or a new --run name")
         set_limits(ctx.client, keys, self.s.batch_size, self.s.max_staleness, reset=ckpt is None)
-        self.consumer = StreamConsumer(ctx.client, keys.scored, "learner", self.s.replica,
-                                       reclaim_idle_ms=int(self.s.reclaim_idle_s * 1000))
+        self.consumer = self.ctx.consumer(keys.scored, "learner",
+                                          on_poison=release_poison(self.admission, ScoredTrajectory))
         if ckpt is not None:
             self._restore(ckpt)
         self._publish()
@@ -142,18 +167,20 @@ class LearnerWorker:
         self.feeder = PromptFeeder(ctx.client, keys.prompts, self.tokenizer,
                                    itertools.islice(problems, fed, None), self.s.prompt_backlog,
                                    lambda: self.version, fed=fed)
+        if ckpt is None:
+            self._checkpoint()  # version 0: a restart from here on resumes, never starts over
         return self.feeder.start()
 
     def _collect(self, batch: list[ScoredTrajectory], ids: list[bytes]) -> None:
         """Read, validate and staleness-filter entries until the batch is full or a read times out."""
         assert self.consumer is not None
         entries = self.consumer.read(self.s.batch_size - len(batch), block_ms=500)
-        msgs, msg_ids, dead = decode_batch(self.ctx, self.consumer, entries, ScoredTrajectory, self.check)
-        self.stats["dead_letters"] += dead
-        self.admission.release(dead)
+        d = decode_batch(self.ctx, self.consumer, entries, ScoredTrajectory, self.check)
+        self.stats["dead_letters"] += d.dead
+        self.admission.release_tokens([m.trajectory.prompt.prompt_id for m in d.invalid])
         payloads = {e.id: e.payload for e in entries}
         in_batch = {m.trajectory.traj_id for m in batch}
-        for msg, entry_id in zip(msgs, msg_ids):
+        for msg, entry_id in zip(d.messages, d.ids):
             traj_id = msg.trajectory.traj_id
             if traj_id in self.consumed or traj_id in in_batch:  # delivered twice: train once
                 self.stats["duplicates"] += 1
@@ -163,28 +190,52 @@ class LearnerWorker:
                 batch.append(msg)
                 ids.append(entry_id)
                 in_batch.add(traj_id)
+                self.payloads[entry_id] = payloads[entry_id]
             else:  # recorded in the dead-letter stream, so every trajectory is accounted for
                 reason = "foreign" if msg.weight_version > self.version else "stale"
                 self.lm.dropped.labels(**self.lm.lab, reason=reason).inc()
                 self.consumer.dead_letter(self.ctx.keys.dead, Entry(entry_id, payloads[entry_id]),
                                           f"dropped: {reason}, staleness {self.version - msg.weight_version}"
                                           f" (max {self.s.max_staleness})")
-                self.admission.release(1)
+                self.admission.release_tokens([msg.trajectory.prompt.prompt_id])
 
-    def _train(self, batch: list[ScoredTrajectory], ids: list[bytes]) -> None:
+    def _train(self, batch: list[ScoredTrajectory], ids: list[bytes]) -> tuple[list[ScoredTrajectory], list[bytes]]:
+        """One step on the batch; returns what is left to collect on (nothing, unless a message
+        that fails on its own was dead-lettered: then the rest waits for a full batch)."""
         self.ctx.heartbeat.beat("training")
         started = time.perf_counter()
-        metrics = self.trainer.step(batch)
+        try:
+            metrics = self.trainer.step(batch)
+        except Exception as error:
+            keep = self._drop_failing(batch, ids, error)
+            return [batch[i] for i in keep], [ids[i] for i in keep]
         elapsed = time.perf_counter() - started
         for msg in batch:
             self.lm.staleness.observe(self.tracker.record(self.version, msg.weight_version))
         self.consumed.update((m.trajectory.traj_id, self.version) for m in batch)
         self.unacked.extend(ids)
+        self.unacked_tokens.extend(m.trajectory.prompt.prompt_id for m in batch)
+        self.payloads.clear()
         self.version += 1
         self._publish()
         if self.version % self.s.checkpoint_every == 0:
             self._checkpoint()
         self._account(batch, metrics, elapsed)
+        return [], []
+
+    def _drop_failing(self, batch: list[ScoredTrajectory], ids: list[bytes], error: Exception) -> list[int]:
+        """Dead-letter the messages whose loss fails alone; the indices of the others. Re-raises
+        `error` when no single message explains it (out of memory, a broken model)."""
+        _, failures = isolate(batch, self.trainer.probe)
+        if not failures:
+            raise error
+        for i, error in failures:
+            entry = Entry(ids[i], self.payloads.pop(ids[i]))
+            if dead_letter(self.ctx, self.consumer, entry, f"loss failed: {error!r}", kind="processing_failed"):
+                self.stats["dead_letters"] += 1
+                self.admission.release_tokens([batch[i].trajectory.prompt.prompt_id])
+        failed = {i for i, _ in failures}
+        return [i for i in range(len(batch)) if i not in failed]
 
     def _account(self, batch: list[ScoredTrajectory], metrics: dict[str, float], elapsed: float) -> None:
         from shared.task import Problem, is_correct
@@ -259,7 +310,8 @@ class LearnerWorker:
             checkpoint.save(self.checkpoint_dir, self.version, self.model, self.trainer.optimizer, state)
         assert self.consumer is not None
         self.consumer.ack(self.unacked)
-        self.unacked = []
+        self.admission.consume(self.unacked_tokens)
+        self.unacked, self.unacked_tokens = [], []
 
     def _restore(self, path) -> None:
         """Resume from a checkpoint; take over the previous learner's pending entries at once."""

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 class RolloutBackend(Protocol):
     eos_id: int
     pad_id: int
+    vocab_size: int  # prompt ids must be below this
 
     def load_weights(self, path: str) -> None:
         """Load a published version directory (model.safetensors) without restarting."""
@@ -39,6 +40,7 @@ class TransformersRollout:
 
         path = resolve_model(settings.model)
         self.model = load_model(path, device=device)
+        self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
         tok = load_tokenizer(path)
         self.eos_id, self.pad_id = int(tok.eos_token_id), int(tok.pad_token_id)
         self.s = settings

@@ -259,6 +259,7 @@ class VLLMRollout:
             worker_extension_cls=EXTENSION, async_scheduling=False,  # the MC hook needs sync steps
         )
         self.llm = LLM(**{**kwargs, **(engine_kwargs or {})})
+        self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         if settings.mc_samples > 1:
             self.llm.collective_rpc("opd_install_mc", args=(seed,))
         self._batches = itertools.count()

@@ -2,9 +2,11 @@
 
 Per batch: prompts reclaimed from a dead replica are redone first (they were admitted
 already); otherwise the replica asks admission control for up to `batch_size` new ones, so
-no work is started that would exceed the learner's staleness bound. Before sampling it loads
-the newest announced weight version if it is newer than its own. Trajectories are written
-and the prompts acked in one transaction.
+no work is started that would exceed the learner's staleness bound. Prompts are validated
+(ids inside the student's vocabulary) and each valid one holds an admission token. Before
+sampling it loads the newest announced weight version if it is newer than its own. A
+prompt whose generation fails on its own is dead-lettered with the error; the rest of the
+batch goes on. Trajectories are written and the prompts acked in one server-side script.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from prometheus_client import Histogram
 
 from services.rollout.settings import RolloutSettings
 from shared.admission import Admission
-from shared.service import Context, decode_batch
+from shared.run_record import claim
+from shared.service import Context, dead_letter, decode_batch, isolate
 from shared.settings import resolve_device
-from shared.streams import Entry, StreamConsumer, backlog, wait_for_room
+from shared.streams import Entry, backlog, wait_for_room
 from shared.weights import latest, wait_for_new_version
-from shared.wire import Prompt, Trajectory, encode
+from shared.wire import Prompt, Trajectory, WireError, encode
 
 log = logging.getLogger("opd.rollout")
 
@@ -39,9 +42,9 @@ class RolloutWorker:
         self.version = -1
         self.published_at = 0.0  # of the announcement whose weights we hold
         self.cursor: bytes | str = "0-0"  # position in the versions stream (wake-ups)
-        self.consumer = StreamConsumer(ctx.client, ctx.keys.prompts, "rollout", settings.replica,
-                                       reclaim_idle_ms=int(settings.reclaim_idle_s * 1000))
         self.admission = Admission(ctx.client, ctx.keys)
+        # a poison prompt was admitted under its dead reader's grant: give that slot back
+        self.consumer = ctx.consumer(ctx.keys.prompts, "rollout", on_poison=lambda _: self.admission.release(1))
         self.weight_lag = Histogram(
             "opd_weight_lag_seconds", "Learner step end (before saving) to generating with its weights",
             ["service", "replica"], registry=ctx.metrics.registry,
@@ -84,32 +87,46 @@ class RolloutWorker:
         self.admission.release(granted - len(entries))
         return entries
 
+    def check(self, prompt: Prompt) -> None:
+        ids = prompt.prompt_ids_P
+        if ids.min() < 0 or ids.max() >= self.backend.vocab_size:
+            raise WireError(f"prompt ids outside the student vocabulary [0, {self.backend.vocab_size})")
+
     def _process(self, entries: list[Entry]) -> None:
-        prompts, ids, dead = decode_batch(self.ctx, self.consumer, entries, Prompt)
-        self.admission.release(dead)
-        if not prompts:
+        d = decode_batch(self.ctx, self.consumer, entries, Prompt, self.check)
+        self.admission.release(d.dead)  # dead prompts were admitted under this grant (or a dead reader's)
+        if not d.messages:
             return
+        self.admission.hold([p.prompt_id for p in d.messages])
+        claim(self.ctx.client, self.ctx.keys, {"mc_samples": self.s.mc_samples})
         self.refresh_weights()
         self.ctx.heartbeat.beat("generating")
-        trajectories = self._generate(prompts)
+        trajectories, failures = self._generate(d.messages)
+        payload = {e.id: e.payload for e in entries}
+        for i, error in failures:
+            if dead_letter(self.ctx, self.consumer, Entry(d.ids[i], payload[d.ids[i]]),
+                           f"generation failed: {error!r}", kind="processing_failed"):
+                self.admission.release_tokens([d.messages[i].prompt_id])
+        done = [(i, t) for i, t in zip(d.ids, trajectories) if t is not None]
         with self.ctx.metrics.timed("codec"):
-            payloads = [encode(t) for t in trajectories]
-        self.consumer.hand_off(ids, self.ctx.keys.trajectories, payloads)
+            payloads = [encode(t) for _, t in done]
+        self.consumer.hand_off([i for i, _ in done], self.ctx.keys.trajectories, payloads)
         m = self.ctx.metrics
-        m.items.inc(len(trajectories))
-        m.tokens.inc(sum(t.num_tokens for t in trajectories))
+        m.items.inc(len(done))
+        m.tokens.inc(sum(t.num_tokens for _, t in done))
         self.ctx.report(self.info)
 
-    def _generate(self, prompts: list[Prompt]) -> list[Trajectory]:
+    def _generate(self, prompts: list[Prompt]) -> tuple[list[Trajectory | None], list[tuple[int, Exception]]]:
+        """Trajectories in prompt order (None where a prompt failed alone) and the failures."""
         import numpy as np
 
         started = time.time()
-        samples = self.backend.generate([p.prompt_ids_P for p in prompts])
+        samples, failures = isolate(prompts, lambda ps: self.backend.generate([p.prompt_ids_P for p in ps]))
         finished = time.time()
         self.ctx.metrics.busy.inc(finished - started)
         self.ctx.metrics.batch_seconds.observe(finished - started)
         return [
-            Trajectory(
+            None if s is None else Trajectory(
                 traj_id=uuid.uuid4().hex, prompt=p, completion_ids_T=s.completion_ids_T,
                 behaviour_logprobs_T=s.behaviour_logprobs_T,
                 token_versions_T=s.token_versions_T if s.token_versions_T is not None
@@ -119,7 +136,7 @@ class RolloutWorker:
                 started_at=started, finished_at=finished,
             )
             for p, s in zip(prompts, samples)
-        ]
+        ], failures
 
     def _record_lag(self, lag: float) -> None:
         self.weight_lag.observe(lag)

@@ -1,7 +1,9 @@
 """Teacher loop: read trajectories (reclaimed first) -> score -> hand off scored trajectories.
 
 Backpressure: waits while the scored stream's backlog is at `max_backlog`. Trajectories
-whose token ids fall outside the teacher's vocabulary go to the dead-letter stream.
+whose token ids fall outside the teacher's vocabulary, and those whose scoring fails on
+their own, go to the dead-letter stream (releasing their admission tokens). Before each
+hand-off the teacher claims its top-k width and draws in the run's record.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import time
 from typing import Any
 
 from services.teacher.settings import TeacherSettings
-from shared.admission import Admission
-from shared.service import Context, decode_batch
+from shared.admission import Admission, release_poison
+from shared.run_record import claim
+from shared.service import Context, dead_letter, decode_batch, isolate
 from shared.settings import resolve_device
-from shared.streams import StreamConsumer, backlog, wait_for_room
+from shared.streams import Entry, backlog, wait_for_room
 from shared.wire import ScoredTrajectory, Trajectory, WireError, encode
 
 log = logging.getLogger("opd.teacher")
@@ -29,9 +32,10 @@ class TeacherWorker:
         self.backend = make_backend(settings, resolve_device(settings.device))
         self.vocab_size = self.backend.vocab_size
         self.admission = Admission(ctx.client, ctx.keys)
-        self.consumer = StreamConsumer(ctx.client, ctx.keys.trajectories, "teacher",
-                                       settings.replica,
-                                       reclaim_idle_ms=int(settings.reclaim_idle_s * 1000))
+        self.consumer = ctx.consumer(ctx.keys.trajectories, "teacher",
+                                     on_poison=release_poison(self.admission, Trajectory))
+        self.record = {"top_k": min(settings.top_k, self.vocab_size), "draws": settings.draws}
+        claim(ctx.client, ctx.keys, self.record)  # refuse to start against a run that disagrees
 
     def info(self) -> dict[str, Any]:
         return {"model": self.s.model}
@@ -54,22 +58,28 @@ class TeacherWorker:
                                  on_wait=lambda: self.ctx.heartbeat.beat("backpressure")):
                 return
             entries = self.consumer.read(self.s.batch_size, block_ms=500)
-            trajs, ids, dead = decode_batch(self.ctx, self.consumer, entries, Trajectory, self.check)
-            self.admission.release(dead)
-            if trajs:
-                self._score(trajs, ids)
+            d = decode_batch(self.ctx, self.consumer, entries, Trajectory, self.check)
+            self.admission.release_tokens([t.prompt.prompt_id for t in d.invalid])
+            if d.messages:
+                self._score(d.messages, d.ids, {e.id: e.payload for e in entries})
 
-    def _score(self, trajs: list[Trajectory], ids: list[bytes]) -> None:
+    def _score(self, trajs: list[Trajectory], ids: list[bytes], payload: dict[bytes, bytes]) -> None:
         self.ctx.heartbeat.beat("scoring")
+        claim(self.ctx.client, self.ctx.keys, self.record)  # again after a learner --reset
         started = time.perf_counter()
-        scores = self.backend.score(trajs)
+        scores, failures = isolate(trajs, self.backend.score)
         elapsed = time.perf_counter() - started
+        for i, error in failures:
+            if dead_letter(self.ctx, self.consumer, Entry(ids[i], payload[ids[i]]),
+                           f"scoring failed: {error!r}", kind="processing_failed"):
+                self.admission.release_tokens([trajs[i].prompt.prompt_id])
+        done = [(i, ScoredTrajectory(t, s)) for i, t, s in zip(ids, trajs, scores) if s is not None]
         with self.ctx.metrics.timed("codec"):
-            payloads = [encode(ScoredTrajectory(t, s)) for t, s in zip(trajs, scores)]
-        self.consumer.hand_off(ids, self.ctx.keys.scored, payloads)
+            payloads = [encode(m) for _, m in done]
+        self.consumer.hand_off([i for i, _ in done], self.ctx.keys.scored, payloads)
         m = self.ctx.metrics
         m.busy.inc(elapsed)
         m.batch_seconds.observe(elapsed)
-        m.items.inc(len(trajs))
-        m.tokens.inc(sum(t.num_tokens for t in trajs))
+        m.items.inc(len(done))
+        m.tokens.inc(sum(msg.trajectory.num_tokens for _, msg in done))
         self.ctx.report(self.info)
