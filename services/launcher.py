@@ -25,7 +25,11 @@ def service_command(service: str, flags: dict[str, object] | None = None) -> lis
         raise ValueError(f"unknown service {service!r}")
     args = [sys.executable, "-m", f"services.{service}"]
     for key, value in (flags or {}).items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
+        flag = key.replace("_", "-")
+        if isinstance(value, bool):  # implicit flags: --reset / --no-reset
+            args.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            args += [f"--{flag}", str(value)]
     return args
 
 

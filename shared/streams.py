@@ -202,7 +202,7 @@ def ping(client: redis.Redis) -> None:
                                            for k in ("host", "port", "db")})
     try:
         client.ping()
-    except (redis.AuthenticationError, redis.AuthorizationError) as e:
+    except (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError) as e:
         raise RedisFatal(f"Redis at {where} refused this client ({e}): check the password in REDIS_URL "
                          "(redis://:PASSWORD@host:port/db)") from None
     except redis.ResponseError as e:  # NOAUTH, a database index out of range, ...
@@ -287,11 +287,12 @@ class StreamConsumer:
         return entries
 
     def _grouped(self, command: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run a group command, recreating the group once if the stream was reset (NOGROUP)."""
+        """Run a group command, recreating the group once if the stream was reset: NOGROUP, or
+        UNBLOCKED when the stream was deleted under a blocking read (a learner --reset)."""
         try:
             return command(*args, **kwargs)
         except redis.ResponseError as e:
-            if "NOGROUP" not in str(e):
+            if "NOGROUP" not in str(e) and "UNBLOCKED" not in str(e):
                 raise
             ensure_group(self.client, self.stream, self.group)
             return command(*args, **kwargs)

@@ -47,7 +47,9 @@ def save_version(model: torch.nn.Module, root: str | Path, version: int) -> Path
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory to fill; when the block succeeds, fsync its files
-    and rename it to `final` (replacing an older one): readers never see a partial one."""
+    and the directory, rename it to `final` (replacing an older one) and fsync the parent, so
+    the rename itself survives a power loss before anyone acts on it (the learner acks right
+    after a checkpoint): readers never see a partial directory."""
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -55,8 +57,19 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    _fsync_dir(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory: its entries (a rename into it) are durable once this returns."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def announce(client: redis.Redis, keys: Keys, version: int, path: Path,

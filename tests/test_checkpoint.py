@@ -45,3 +45,21 @@ def test_latest_skips_partial_and_prunes_old(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002", "step-000003", "step-000009.tmp"]
     assert checkpoint.latest(tmp_path).name == "step-000003"
     assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.pkl"))
+
+
+def test_atomic_dir_makes_the_rename_durable(tmp_path, monkeypatch):
+    """Files, the filled directory and, after the rename, its parent are fsynced in that order."""
+    import os
+
+    from shared import weights
+
+    events: list[tuple[str, str]] = []
+    real_open, real_replace = os.open, os.replace
+    monkeypatch.setattr(weights.os, "open", lambda p, flags: events.append(("fsync-dir", str(p))) or real_open(p, flags))
+    monkeypatch.setattr(weights.os, "replace", lambda a, b: events.append(("rename", str(b))) or real_replace(a, b))
+    final = tmp_path / "v000001"
+    with weights.atomic_dir(final) as tmp:
+        (tmp / "f").write_bytes(b"x")
+    assert events == [("fsync-dir", str(tmp_path / "v000001.tmp")), ("rename", str(final)),
+                      ("fsync-dir", str(tmp_path))]
+    assert (final / "f").read_bytes() == b"x"

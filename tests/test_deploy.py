@@ -11,6 +11,7 @@ one the services export. Optional validators skip with the reason when absent.
 
 from __future__ import annotations
 
+import base64
 import functools
 import importlib
 import importlib.util
@@ -537,6 +538,19 @@ def k8s_docs() -> list[dict[str, Any]]:
     return docs
 
 
+def k8s_secret_keys(name: str) -> set[str]:
+    """Keys of a Secret kustomize generates from an env file the user writes (none ships)."""
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    (gen,) = [g for g in kustomization["secretGenerator"] if g["name"] == name]
+    assert kustomization["generatorOptions"]["disableNameSuffixHash"] is True
+    (env_file,) = gen["envs"]
+    assert not (K8S / env_file).exists() or "redis-password.env" in (ROOT / ".gitignore").read_text()
+    example = (K8S / f"{env_file}.example").read_text().splitlines()
+    values = dict(line.split("=", 1) for line in example if line and not line.startswith("#"))
+    assert all(v == "" for v in values.values()), "no password value ships"
+    return set(values)
+
+
 def k8s_find(kind: str, name: str) -> dict[str, Any]:
     matches = [d for d in k8s_docs() if d["kind"] == kind and d["metadata"]["name"] == name]
     assert len(matches) == 1, (kind, name)
@@ -545,7 +559,9 @@ def k8s_find(kind: str, name: str) -> dict[str, Any]:
 
 def test_k8s_manifests_structure() -> None:
     kinds = {(d["kind"], d["metadata"]["name"]) for d in k8s_docs()}
-    assert {("Namespace", "opd"), ("Secret", "opd-redis"), ("ConfigMap", "opd-config"),
+    assert "password" in k8s_secret_keys("opd-redis")
+    assert not any(d["kind"] == "Secret" for d in k8s_docs())  # generated from the user's file only
+    assert {("Namespace", "opd"), ("ConfigMap", "opd-config"),
             ("StatefulSet", "opd-redis"), ("Service", "opd-redis"),
             ("PersistentVolumeClaim", "opd-weights")} <= kinds
     assert k8s_find("PersistentVolumeClaim", "opd-weights")["spec"]["accessModes"] == ["ReadWriteMany"]
@@ -589,7 +605,7 @@ def test_k8s_deployment_is_what_the_launcher_runs(
     assert all(k in every for k in config if k.startswith("OPD_")), sorted(set(config) - every)
     env = {e["name"]: e for e in container["env"]}
     secret = env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
-    assert secret["key"] in k8s_find("Secret", secret["name"])["stringData"]
+    assert secret["key"] in k8s_secret_keys(secret["name"])
     names = [e["name"] for e in container["env"]]
     assert names.index("REDIS_PASSWORD") < names.index("REDIS_URL"), "$(VAR) needs it first"
     redis_url = env["REDIS_URL"]["value"].replace("$(REDIS_PASSWORD)", PASSWORD)
@@ -611,14 +627,22 @@ def test_k8s_manifests_validate_against_kubernetes_schemas() -> None:
         kv.validate(doc, "1.30.0", strict=True)
 
 
-def test_k8s_kustomization_builds() -> None:
+def test_k8s_kustomization_builds(tmp_path: Path) -> None:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl not installed (not on PyPI)")
-    out = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=120)
-    if out.returncode != 0 and "unknown command" in out.stderr:
+    k8s = tmp_path / "k8s"
+    shutil.copytree(K8S, k8s, ignore=shutil.ignore_patterns("redis-password.env"))
+    missing = subprocess.run([kubectl, "kustomize", str(k8s)], capture_output=True, text=True, timeout=120)
+    if missing.returncode != 0 and "unknown command" in missing.stderr:
         pytest.skip("this kubectl has no built-in kustomize")
+    assert missing.returncode != 0 and "redis-password.env" in missing.stderr  # no password, no deployment
+    (k8s / "redis-password.env").write_text(f"password={PASSWORD}\n")
+    out = subprocess.run([kubectl, "kustomize", str(k8s)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     built = [d for d in yaml.safe_load_all(out.stdout) if d]
     assert all(d["metadata"].get("namespace") == "opd" for d in built if d["kind"] != "Namespace")
-    assert len(built) == len(k8s_docs())
+    assert len(built) == len(k8s_docs()) + 1  # and the generated Secret
+    (secret,) = [d for d in built if d["kind"] == "Secret"]
+    assert secret["metadata"]["name"] == "opd-redis"
+    assert base64.b64decode(secret["data"]["password"]).decode() == PASSWORD

@@ -235,3 +235,17 @@ def test_admission_tokens_release_each_slot_once_and_never_for_strangers(client,
     adm.consume(["p0", "p2"])  # trained: the slots stay taken
     assert adm.release_tokens(["p0", "p2"]) == 0
     assert int(client.get(keys.admitted)) == 3 and client.smembers(keys.admission_tokens) == {b"p3"}
+
+
+def test_a_blocking_read_survives_the_stream_being_deleted(client, keys):
+    """A learner --reset deletes the streams while replicas block in XREADGROUP (UNBLOCKED)."""
+    c = StreamConsumer(client, keys.trajectories, "teacher", "t0")
+    got = []
+    reader = threading.Thread(target=lambda: got.append(c.read_new(1, block_ms=3000)))
+    reader.start()
+    time.sleep(0.3)
+    client.delete(keys.trajectories)
+    time.sleep(0.2)
+    produce(client, keys.trajectories, [b"after reset"])
+    reader.join(10)
+    assert not reader.is_alive() and [e.payload for e in got[0]] == [b"after reset"]

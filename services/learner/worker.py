@@ -38,8 +38,8 @@ from shared.wire import ScoredTrajectory, WireError
 log = logging.getLogger("opd.learner")
 
 
-class RunStateError(RuntimeError):
-    """The run has state this learner would destroy or misread: refuse, with what to do."""
+class RunStateError(SystemExit):
+    """The run has state this learner would destroy or misread: exit with one line saying what to do."""
 
 
 class LearnerMetrics:
@@ -153,7 +153,7 @@ class LearnerWorker:
         ckpt = checkpoint.latest(self.checkpoint_dir) if self.s.resume else None
         if ckpt is None and ctx.client.exists(keys.version, keys.stats):
             raise RunStateError(
-                f"run {self.s.run!r} already has state in Redis (version {ctx.client.get(keys.version)!r}) but no "
+                f"opd-learner: run {self.s.run!r} already has state in Redis (version {ctx.client.get(keys.version)!r}) but no "
                 f"checkpoint in {self.checkpoint_dir}: pass --checkpoint-dir with its checkpoints to resume, "
                 "--reset to delete the run and start over, or a new --run name")
         set_limits(ctx.client, keys, self.s.batch_size, self.s.max_staleness, reset=ckpt is None)
