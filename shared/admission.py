@@ -9,6 +9,11 @@ Grants not used (fewer prompts were available) and trajectories the learner drop
 released so the budget does not leak. With max_staleness = 0 this is strict synchronous
 training: B trajectories per version, generated only after the previous step published.
 
+Every mutation is safe to retry after a lost reply (the services' client retries on
+connection errors, and the server may have run the command): grants and releases carry a
+unique id whose first outcome is remembered for 10 minutes; token operations are set
+operations.
+
 Admission tokens: a rollout holds one token per admitted prompt (its prompt id, in the
 run's `admission_tokens` set) before handing off its trajectory. Downstream, a trajectory
 gives its slot back only by removing its token (one script: SREM, then DECRBY what was
@@ -19,22 +24,35 @@ trained once a checkpoint covers them.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 
 import redis
 
 from shared.streams import Entry, Keys
 
+# KEYS: admitted, version, limits, this request's key. A request id seen before (the client
+# retried after a lost reply) gets its first answer back and changes nothing.
 _ADMIT = """
 local version = tonumber(redis.call('GET', KEYS[2]) or '-1')
+local seen = redis.call('GET', KEYS[4])
+if seen then return {tonumber(seen), version} end
 local batch = tonumber(redis.call('HGET', KEYS[3], 'batch_size') or '0')
-if version < 0 or batch < 1 then return {0, version} end
-local stale = tonumber(redis.call('HGET', KEYS[3], 'max_staleness') or '0')
-local admitted = tonumber(redis.call('GET', KEYS[1]) or '0')
-local grant = math.min(tonumber(ARGV[1]), (version + stale + 1) * batch - admitted)
-if grant <= 0 then return {0, version} end
-redis.call('INCRBY', KEYS[1], grant)
+local grant = 0
+if version >= 0 and batch >= 1 then
+  local stale = tonumber(redis.call('HGET', KEYS[3], 'max_staleness') or '0')
+  local admitted = tonumber(redis.call('GET', KEYS[1]) or '0')
+  grant = math.max(0, math.min(tonumber(ARGV[1]), (version + stale + 1) * batch - admitted))
+end
+redis.call('SET', KEYS[4], grant, 'EX', 600)
+if grant > 0 then redis.call('INCRBY', KEYS[1], grant) end
 return {grant, version}
+"""
+
+# KEYS: admitted, this release's key. Applied once per release id.
+_RELEASE = """
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', 600) then redis.call('DECRBY', KEYS[1], ARGV[1]) end
+return 0
 """
 
 
@@ -52,12 +70,14 @@ class Admission:
     def __init__(self, client: redis.Redis, keys: Keys):
         self.client, self.keys = client, keys
         self._script = client.register_script(_ADMIT)
+        self._release = client.register_script(_RELEASE)
         self._release_tokens = client.register_script(_RELEASE_TOKENS)
 
     def request(self, want: int) -> tuple[int, int]:
         """Try to admit up to `want` trajectories; returns (granted, learner version)."""
+        request = f"{self.keys.admitted}:request:{uuid.uuid4().hex}"  # retries re-send the same id
         granted, version = self._script(
-            keys=[self.keys.admitted, self.keys.version, self.keys.limits], args=[want]
+            keys=[self.keys.admitted, self.keys.version, self.keys.limits, request], args=[want]
         )
         return int(granted), int(version)
 
@@ -65,7 +85,8 @@ class Admission:
         """Give back slots of this replica's own grant that produced nothing (unused, or
         prompts it could not use): rollouts only."""
         if n > 0:
-            self.client.decrby(self.keys.admitted, n)
+            release = f"{self.keys.admitted}:release:{uuid.uuid4().hex}"
+            self._release(keys=[self.keys.admitted, release], args=[n])
 
     def hold(self, tokens: list[str]) -> None:
         """Rollout: the prompts of this grant (or reclaimed ones) now have a slot each."""

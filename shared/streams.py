@@ -14,8 +14,11 @@ All stream and key names live in `Keys`; every entry holds one msgpack message u
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +57,7 @@ class Keys:
 
     @property
     def dead(self) -> str:
-        """Stream: entries that failed validation, with the reason (fields m, reason, source)."""
+        """Stream: entries that failed validation or were dropped, capped (fields m, reason, source, id, bytes)."""
         return self._k("dead")
 
     @property
@@ -94,7 +97,7 @@ class Keys:
 
     @property
     def replicas(self) -> str:
-        """Hash: replica name -> JSON status (service, busy_s, items, tokens, version, at)."""
+        """Hash: replica name -> JSON status (service, busy_s, items, tokens, overhead_s, state, at, info)."""
         return self._k("replicas")
 
     @property
@@ -156,6 +159,21 @@ return #owned
 # without the payload and without raising the delivery counter.
 _AUTOCLAIM_IDS = """
 return redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5], 'JUSTID')
+"""
+
+
+# KEYS: stream. ARGV: group, consumer, ids. Resets the idle time of the ids still pending for
+# this consumer (XCLAIM 0 JUSTID: no payload, no delivery count); ids another consumer has
+# reclaimed meanwhile are left to it.
+_RENEW = """
+local n = 0
+for i = 3, #ARGV do
+  if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2]) > 0 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    n = n + 1
+  end
+end
+return n
 """
 
 
@@ -260,6 +278,7 @@ class StreamConsumer:
         self._min_idle_ms: int | None = None  # set by take_over_pending
         self._move_script = client.register_script(_MOVE)
         self._autoclaim_script = client.register_script(_AUTOCLAIM_IDS)
+        self._renew_script = client.register_script(_RENEW)
         ensure_group(client, stream, group)
 
     def read(self, count: int, block_ms: int = 1000) -> list[Entry]:
@@ -323,8 +342,11 @@ class StreamConsumer:
         for i in poison:
             for entry in _entries(self.client.xrange(self.stream, i, i)):
                 self._dead_letter_poison(entry, delivered[i])
-        claimed = self.client.xclaim(self.stream, self.group, self.consumer, 0, healthy) if healthy else []
-        return self._hold(_entries(claimed))
+        entries = _entries(self.client.xclaim(self.stream, self.group, self.consumer, 0, healthy)) if healthy else []
+        gone = set(healthy) - {e.id for e in entries}  # deleted while pending (Redis 6.2 still lists them)
+        if gone:
+            self.client.xack(self.stream, self.group, *gone)
+        return self._hold(entries)
 
     def _dead_letter_poison(self, entry: Entry, delivered: int) -> None:
         reason = (f"delivered {delivered} times without being handed off (max_deliveries "
@@ -332,6 +354,33 @@ class StreamConsumer:
         if self.dead_letter(self.dead_stream, entry, reason):
             log.error("%s: dead-lettered poison entry %s: %s", self.stream, entry.id, reason)
             self.on_poison(entry)
+
+    def renew(self, ids: Sequence[bytes]) -> int:
+        """Renew this consumer's claim on entries it is still working on; returns how many it owns."""
+        return int(self._renew_script(keys=[self.stream], args=[self.group, self.consumer, *ids])) if ids else 0
+
+    @contextmanager
+    def lease(self, ids: Sequence[bytes], every_s: float | None = None) -> Iterator[None]:
+        """Keep renewing the claim on `ids` while the block runs (every reclaim_idle / 3 by
+        default), so a live replica whose batch outlasts reclaim_idle is never robbed; a dead
+        or stalled process stops renewing and its entries are reclaimed as before."""
+        every = every_s if every_s is not None else max(0.05, self.reclaim_idle_ms / 3000)
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(every):
+                try:
+                    self.renew(list(ids))
+                except redis.RedisError:  # best effort: the next renewal, or a reclaim, follows
+                    log.warning("%s: lease renewal failed", self.stream)
+
+        thread = threading.Thread(target=renew, name="lease", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def ack(self, ids: Sequence[bytes]) -> int:
         """Ack and delete consumed entries we still own; returns how many."""
@@ -369,6 +418,13 @@ class StreamConsumer:
             log.warning("%s: %d of %d entries were reclaimed by another consumer; their results "
                         "were dropped", self.stream, len(ids) - owned, len(ids))
         return int(owned)
+
+    def close(self) -> None:
+        """Leave the group on a clean stop: delete this consumer's name unless it still owns
+        pending entries (deleting it would drop them; a live replica reclaims them instead)."""
+        mine = self.client.xpending_range(self.stream, self.group, "-", "+", 1, consumername=self.consumer)
+        if not mine:
+            self.client.xgroup_delconsumer(self.stream, self.group, self.consumer)
 
     def pending(self) -> int:
         """Entries delivered to this group and not yet acked."""
@@ -430,9 +486,24 @@ def wait_for_room(
     return True
 
 
-def produce(client: redis.Redis, stream: str, payloads: Sequence[bytes]) -> list[bytes]:
-    """XADD payloads in one round trip (no trimming: backpressure bounds the stream)."""
-    pipe = client.pipeline(transaction=False)
-    for payload in payloads:
-        pipe.xadd(stream, {FIELD: payload})
-    return pipe.execute()
+# KEYS: stream, dedup key, counter hash (may be unused). ARGV: counter field ("" for none),
+# then payloads. A call whose dedup key exists already ran (its reply was lost and the client
+# retried): it writes nothing again.
+_PRODUCE = """
+if not redis.call('SET', KEYS[2], 1, 'NX', 'EX', 600) then return 0 end
+for i = 2, #ARGV do redis.call('XADD', KEYS[1], '*', 'm', ARGV[i]) end
+if ARGV[1] ~= '' then redis.call('HINCRBY', KEYS[3], ARGV[1], #ARGV - 1) end
+return #ARGV - 1
+"""
+
+
+def produce(client: redis.Redis, stream: str, payloads: Sequence[bytes], counter: str = "") -> int:
+    """XADD payloads in one server-side script (no trimming: backpressure bounds the stream);
+    returns how many were written. Idempotent: the call carries a unique token, so the
+    client's retry after a lost reply writes nothing twice. `counter`: a field of the run's
+    `produced` hash to add len(payloads) to in the same step (the feeder's position)."""
+    if not payloads:
+        return 0
+    token = f"{stream}:dedup:{uuid.uuid4().hex}"
+    script = client.register_script(_PRODUCE)
+    return int(script(keys=[stream, token, _produced_key(stream)], args=[counter, *payloads]))

@@ -1,14 +1,17 @@
 """Weight versions: the learner writes each version atomically and announces it in Redis.
 
-Publish = write `model.safetensors` + `config.json` into `<root>/v000123.tmp/`, fsync, rename
-to `<root>/v000123/` (atomic on one filesystem), then MULTI: SET the announcement key and
-the version key. Readers (rollout replicas) GET the announcement between batches and load
-the directory only when the version is newer than theirs. Safetensors only: no pickle.
+Publish = write `model.safetensors` + `config.json` into `<root>/v000123.tmp/` (`v000123.e1`
+in epoch 1, after a restore), fsync, rename to `<root>/v000123/` and fsync the parent (atomic
+and durable on one filesystem), then MULTI: SET the announcement key and the version key,
+XADD a wake-up to the `versions` stream. Readers (rollout replicas) GET the announcement
+between batches and load the directory whenever the announcement changed (a newer version,
+or an older one after a restore). Safetensors only: no pickle.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -27,15 +30,19 @@ if TYPE_CHECKING:
 WEIGHTS_FILE = "model.safetensors"
 
 
-def version_dir(root: str | Path, version: int) -> Path:
-    return Path(root) / f"v{version:06d}"
+_VERSION_DIR = re.compile(r"^v(\d{6,})(?:\.e(\d+))?$")
 
 
-def save_version(model: torch.nn.Module, root: str | Path, version: int) -> Path:
+def version_dir(root: str | Path, version: int, epoch: int = 0) -> Path:
+    """`v000123` (epoch 0) or `v000123.e1`: a restored learner's epoch never reuses a directory."""
+    return Path(root) / (f"v{version:06d}" + (f".e{epoch}" if epoch else ""))
+
+
+def save_version(model: torch.nn.Module, root: str | Path, version: int, epoch: int = 0) -> Path:
     """Write the model's weights for `version` atomically; returns the final directory."""
     from safetensors.torch import save_model
 
-    final = version_dir(root, version)
+    final = version_dir(root, version, epoch)
     with atomic_dir(final) as tmp:
         save_model(model, str(tmp / WEIGHTS_FILE))  # handles tied embeddings
         config = getattr(model, "config", None)
@@ -73,18 +80,29 @@ def _fsync_dir(path: Path) -> None:
 
 
 def announce(client: redis.Redis, keys: Keys, version: int, path: Path,
-             step_finished_at: float | None = None) -> WeightAnnouncement:
+             step_finished_at: float | None = None, epoch: int = 0) -> WeightAnnouncement:
     """Make `version` visible to readers (after its files are complete); `step_finished_at`
     (default: now) is when the learner's step that produced it ended."""
     now = time.time()
+    seconds, micros = client.time()  # one clock for learner and rollouts: the weight lag spans machines
     ann = WeightAnnouncement(weight_version=version, path=str(path), published_at=now,
-                             step_finished_at=now if step_finished_at is None else step_finished_at)
+                             step_finished_at=now if step_finished_at is None else step_finished_at,
+                             server_published_at=seconds + micros / 1e6, epoch=epoch)
     pipe = client.pipeline(transaction=True)
     pipe.set(keys.weights, encode(ann))
     pipe.set(keys.version, version)
     pipe.xadd(keys.versions, {"v": version}, maxlen=100, approximate=True)  # wake-ups only
     pipe.execute()
     return ann
+
+
+def weight_lag(client: redis.Redis, ann: WeightAnnouncement) -> float:
+    """Seconds from the learner's step end to now, without comparing two machines' clocks: the
+    learner's own clock up to publication, the Redis server's clock after it."""
+    if ann.server_published_at <= 0:  # an announcement from before this field existed
+        return max(0.0, time.time() - ann.step_finished_at)
+    seconds, micros = client.time()
+    return max(0.0, ann.published_at - ann.step_finished_at) + max(0.0, seconds + micros / 1e6 - ann.server_published_at)
 
 
 def wait_for_new_version(client: redis.Redis, keys: Keys, cursor: bytes | str, timeout_s: float) -> bytes | str:
@@ -129,10 +147,18 @@ def _tied_names(model: torch.nn.Module) -> set[str]:
     return tied
 
 
-def prune_versions(root: str | Path, keep: int, newest: int) -> None:
-    """Delete version directories older than the newest `keep` (readers retry on a miss)."""
-    for d in Path(root).glob("v*"):
-        if d.is_dir() and d.name[1:].isdigit() and int(d.name[1:]) <= newest - keep:
+def prune_versions(root: str | Path, keep: int, newest: int, min_age_s: float = 0.0, epoch: int = 0) -> None:
+    """Delete version directories of abandoned epochs and those older than the newest `keep`
+    of `epoch`, once published more than `min_age_s` ago (directory mtime), so a slow reader
+    (a large model's load over a shared filesystem, which gives no open-file protection)
+    never loses the version it is loading; readers retry with the newest announcement."""
+    cutoff = time.time() - min_age_s
+    for d in Path(root).iterdir() if Path(root).is_dir() else []:
+        m = _VERSION_DIR.match(d.name)
+        if not (m and d.is_dir()):
+            continue
+        version, dir_epoch = int(m.group(1)), int(m.group(2) or 0)
+        if (dir_epoch < epoch or version <= newest - keep) and (min_age_s <= 0 or d.stat().st_mtime < cutoff):
             shutil.rmtree(d, ignore_errors=True)
 
 

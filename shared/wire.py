@@ -176,6 +176,7 @@ class Trajectory:
     replica: str = ""
     started_at: float = 0.0
     finished_at: float = 0.0
+    weight_epoch: int = 0  # the learner epoch of the weights that sampled it (bumped by every restore)
 
     @property
     def weight_version(self) -> int:
@@ -200,6 +201,7 @@ class Trajectory:
             "replica": self.replica,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
+            "weight_epoch": self.weight_epoch,
         }
 
     @classmethod
@@ -217,6 +219,7 @@ class Trajectory:
             replica=_get(d, "replica", str, where),
             started_at=float(_get(d, "started_at", (int, float), where)),
             finished_at=float(_get(d, "finished_at", (int, float), where)),
+            weight_epoch=_get(d, "weight_epoch", int, where) if "weight_epoch" in d else 0,
         )
         t.check(where)
         return t
@@ -347,10 +350,13 @@ class WeightAnnouncement:
     path: str  # directory holding model.safetensors (+ config.json)
     published_at: float = field(default_factory=time.time)
     step_finished_at: float = 0.0  # when the optimizer step that made it ended (before saving)
+    server_published_at: float = 0.0  # the Redis server's clock at publication (0: unknown)
+    epoch: int = 0  # the learner epoch (bumped by every restore from a checkpoint)
 
     def to_dict(self, w: ArrayWriter) -> dict[str, Any]:
         return {"path": self.path, "published_at": self.published_at,
-                "step_finished_at": self.step_finished_at}
+                "step_finished_at": self.step_finished_at, "server_published_at": self.server_published_at,
+                "epoch": self.epoch}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], r: ArrayReader, where: str = "weights") -> WeightAnnouncement:
@@ -359,6 +365,9 @@ class WeightAnnouncement:
             path=_get(d, "path", str, where),
             published_at=float(_get(d, "published_at", (int, float), where)),
             step_finished_at=float(_get(d, "step_finished_at", (int, float), where)),
+            server_published_at=float(_get(d, "server_published_at", (int, float), where))
+            if "server_published_at" in d else 0.0,
+            epoch=_get(d, "epoch", int, where) if "epoch" in d else 0,
         )
 
 

@@ -63,3 +63,20 @@ def test_atomic_dir_makes_the_rename_durable(tmp_path, monkeypatch):
     assert events == [("fsync-dir", str(tmp_path / "v000001.tmp")), ("rename", str(final)),
                       ("fsync-dir", str(tmp_path))]
     assert (final / "f").read_bytes() == b"x"
+
+
+def test_pruning_spares_versions_a_slow_reader_may_still_load(tmp_path):
+    import os
+    import time
+
+    from shared.weights import prune_versions, version_dir
+
+    for v in range(5):
+        version_dir(tmp_path, v).mkdir()
+    old = time.time() - 120
+    for v in (0, 1):
+        os.utime(version_dir(tmp_path, v), (old, old))
+    prune_versions(tmp_path, keep=2, newest=4, min_age_s=60)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v000002", "v000003", "v000004"]  # v2: too recent
+    prune_versions(tmp_path, keep=2, newest=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v000003", "v000004"]

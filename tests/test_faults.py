@@ -112,15 +112,23 @@ def account(client, ckpt_dir: Path, injected: int) -> dict[str, int]:
     assert stats["status"] == "finished" and int(stats["step"]) == STEPS
     consumed = state["consumed"]  # trajectory id -> version trained at (a JSON map: unique ids)
     assert len(consumed) == int(stats["trained_trajectories"]) == STEPS * BATCH
-    dead = [f for _, f in client.xrange(KEYS.dead)]
-    dropped = [f for f in dead if f[b"reason"].startswith(b"dropped")]
-    invalid = [f for f in dead if not f[b"reason"].startswith(b"dropped")]
-    produced = int(client.hget(KEYS.produced, KEYS.trajectories))
-    queued = client.xlen(KEYS.trajectories) + client.xlen(KEYS.scored)
-    report = {"trajectories_produced": produced, "trained_once": len(consumed), "dropped_to_dead_letters": len(dropped),
-              "still_queued": queued, "invalid_dead_letters": len(invalid), "injected": injected,
-              "duplicate_deliveries_skipped": int(stats["duplicates"])}
-    assert len(invalid) == injected, [f[b"reason"] for f in invalid]
-    # every produced trajectory: trained exactly once, dropped (recorded), or still queued
-    assert produced == len(consumed) + len(dropped) + queued, report
+    outcome = accounting(client, KEYS, consumed)
+    report = {**outcome, "injected": injected, "duplicate_deliveries_skipped": int(stats["duplicates"])}
+    assert outcome["invalid_dead_letters"] == injected, report
     return report
+
+
+def accounting(client, keys: Keys, consumed: dict) -> dict[str, int]:
+    """Where every trajectory the rollouts handed off ended up, each outcome counted apart:
+    trained (once: consumed is a map of unique ids), dropped for staleness, abandoned by a
+    learner's rollback (its prompt re-queued), dead-lettered as invalid, or still queued."""
+    reasons = [f[b"reason"] for _, f in client.xrange(keys.dead)]
+    count = lambda prefix: sum(r.startswith(prefix) for r in reasons)  # noqa: E731
+    out = {"trajectories_produced": int(client.hget(keys.produced, keys.trajectories) or 0),
+           "trained_once": len(consumed), "dropped_stale_or_foreign": count(b"dropped"),
+           "abandoned_by_rollback": count(b"abandoned"),
+           "invalid_dead_letters": len(reasons) - count(b"dropped") - count(b"abandoned"),
+           "still_queued": client.xlen(keys.trajectories) + client.xlen(keys.scored)}
+    assert out["trajectories_produced"] == (out["trained_once"] + out["dropped_stale_or_foreign"]
+                                            + out["abandoned_by_rollback"] + out["still_queued"]), out
+    return out

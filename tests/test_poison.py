@@ -25,7 +25,7 @@ from services.launcher import Launcher, service_command
 from shared.redis_server import EmbeddedRedis, free_port
 from shared.streams import Keys, connect, produce
 from shared.wire import Prompt, ScoredTrajectory, TeacherScores, Trajectory, encode
-from test_faults import kill, until
+from test_faults import accounting, kill, until
 
 pytestmark = [pytest.mark.smoke, pytest.mark.redis]
 BATCH = 8
@@ -143,13 +143,14 @@ def test_learner_killed_before_its_first_checkpoint_resumes_without_wiping(tmp_p
         assert produced >= before["produced"] and client.xlen(keys.dead) >= before["dead"] >= 1  # nothing wiped
         from services.learner.checkpoint import latest
 
-        consumed = json.loads((latest(tmp_path / "ckpt") / "state.json").read_text())["consumed"]
-        dead = [f for _, f in client.xrange(keys.dead)]
-        dropped = [f for f in dead if f[b"reason"].startswith(b"dropped")]
-        queued = client.xlen(keys.trajectories) + client.xlen(keys.scored)
-        print("\nrestart run:", {"produced": produced, "trained_once": len(consumed), "dropped": len(dropped),
-                                 "queued": queued, "before_kill": before})
-        assert len(consumed) == 10 * BATCH and produced == len(consumed) + len(dropped) + queued
+        state = json.loads((latest(tmp_path / "ckpt") / "state.json").read_text())
+        outcome = accounting(client, keys, state["consumed"])  # asserts produced = the sum of the outcomes
+        print("\nrestart run:", {**outcome, "before_kill": before})
+        assert outcome["trained_once"] == 10 * BATCH and outcome["invalid_dead_letters"] == 1  # the garbage
+        # the rollback to version 0: what the dead learner's versions >= 1 generated is abandoned
+        assert state["lineage"] == {"0": 0, "1": 0} and outcome["abandoned_by_rollback"] >= 1
+        abandoned = [r.decode() for _, f in client.xrange(keys.dead) if (r := f[b"reason"]).startswith(b"abandoned")]
+        assert all("of epoch 0" in r and "prompt re-queued" in r for r in abandoned)
         # a learner with no checkpoint for this run is refused with a clear error ...
         other = subprocess.run(service_command("learner", {**flags, "checkpoint_dir": tmp_path / "other"}),
                                env={**launcher_env(server.url, keys)}, capture_output=True, text=True, timeout=120)

@@ -18,3 +18,16 @@ def test_record_builds_histogram_and_summary():
     s = t.summary()
     assert s["histogram"] == {"0": 1, "1": 1, "2": 2}
     assert s["trained"] == 4 and s["max"] == 2 and s["mean"] == 1.25
+
+
+def test_lineage_keeps_versions_up_to_each_restore_point():
+    from services.learner.staleness import Lineage
+
+    lineage = Lineage()
+    assert lineage.epoch == 0 and lineage.current(0, 7)
+    assert lineage.restore(3) == 1  # the learner died at version 7 and resumed from checkpoint 3
+    assert lineage.current(0, 3) and lineage.current(1, 5)  # same weights up to 3, then the new epoch's
+    assert not lineage.current(0, 4) and not lineage.current(0, 7)  # numbers the new epoch reuses
+    lineage.restore(5)
+    assert lineage.current(1, 5) and not lineage.current(1, 6) and not lineage.current(0, 4)
+    assert not lineage.current(3, 0)  # an epoch this learner never had

@@ -249,3 +249,69 @@ def test_a_blocking_read_survives_the_stream_being_deleted(client, keys):
     produce(client, keys.trajectories, [b"after reset"])
     reader.join(10)
     assert not reader.is_alive() and [e.payload for e in got[0]] == [b"after reset"]
+
+
+def test_admission_and_produce_are_idempotent_under_lost_replies(client, keys, lossy):
+    """The server runs each command, the reply is lost, the client retries: nothing twice."""
+    from shared.streams import connect
+
+    via = connect(lossy.url())
+    adm = Admission(via, keys)
+    set_limits(client, keys, batch_size=4, max_staleness=0)
+    client.set(keys.version, 0)
+    lossy.arm(keys.limits.encode())  # the admission script names the limits key
+    assert adm.request(2)[0] == 2
+    assert int(client.get(keys.admitted)) == 2  # granted once, not 4 (a later wedge at S = 0)
+    lossy.arm(b":release:")
+    adm.release(1)
+    assert int(client.get(keys.admitted)) == 1
+    lossy.arm(b":dedup:")
+    assert produce(via, keys.prompts, [b"a", b"b", b"c"], counter="fed") in (0, 3)  # 0: the retry's answer
+    assert [f[b"m"] for _, f in client.xrange(keys.prompts)] == [b"a", b"b", b"c"]  # 3 entries, not 6
+    assert int(client.hget(keys.produced, "fed")) == 3
+    assert lossy.dropped == 3  # each reply really was lost
+
+
+def test_a_live_replica_slower_than_the_reclaim_time_keeps_its_work(client, keys):
+    produce(client, keys.trajectories, [b"1", b"2"])
+    slow = StreamConsumer(client, keys.trajectories, "teacher", "slow", reclaim_idle_ms=300)
+    idle = StreamConsumer(client, keys.trajectories, "teacher", "idle", reclaim_idle_ms=300)
+    entries = slow.read(2, block_ms=100)
+    robbed = []
+    with slow.lease([e.id for e in entries], every_s=0.1):
+        deadline = time.monotonic() + 1.5  # five reclaim times of "work"
+        while time.monotonic() < deadline:
+            robbed += idle.reclaim(10)
+            time.sleep(0.05)
+    assert robbed == []
+    assert slow.hand_off([e.id for e in entries], keys.scored, [b"A", b"B"]) == 2  # not fenced
+    produce(client, keys.trajectories, [b"3"])
+    dead = StreamConsumer(client, keys.trajectories, "teacher", "dead", reclaim_idle_ms=300)
+    assert len(dead.read(1, block_ms=100)) == 1  # ... and then stops renewing (it died)
+    time.sleep(0.4)
+    assert [e.payload for e in idle.reclaim(10)] == [b"3"]
+
+
+def test_a_cleanly_stopped_consumer_leaves_its_group_unless_it_owns_entries(client, keys):
+    produce(client, keys.prompts, [b"a"])
+    busy = StreamConsumer(client, keys.prompts, "rollout", "busy")
+    assert len(busy.read(1, block_ms=100)) == 1
+    done = StreamConsumer(client, keys.prompts, "rollout", "done")
+    done.close()
+    busy.close()  # still owns "a": its name stays so the entry is reclaimed, not dropped
+    names = {c["name"] for c in client.xinfo_consumers(keys.prompts, "rollout")}
+    assert names == {b"busy"} and busy.pending() == 1
+
+
+def test_weight_lag_does_not_compare_two_machines_clocks(client, keys):
+    from shared.weights import announce, latest, weight_lag
+
+    skew = 1000.0  # the learner's clock runs 1000 s ahead of this (rollout) machine's
+    real_time = time.time
+    try:
+        time.time = lambda: real_time() + skew
+        announce(client, keys, 1, "/w/v000001", step_finished_at=real_time() + skew - 0.5)
+    finally:
+        time.time = real_time
+    lag = weight_lag(client, latest(client, keys))
+    assert 0.5 <= lag < 1.5  # 0.5 s of saving on the learner + the moments since, not -1000 s

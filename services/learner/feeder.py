@@ -47,6 +47,9 @@ def file_problems(path: str) -> Iterator[Problem]:
     return itertools.cycle(rows)
 
 
+FED_FIELD = "feeder_position"  # field of the run's `produced` hash: problems ever fed, updated with each XADD
+
+
 class PromptFeeder:
     def __init__(self, client: redis.Redis, stream: str, tokenizer, problems: Iterator[Problem],
                  backlog: int, version: Callable[[], int], fed: int = 0) -> None:
@@ -83,7 +86,7 @@ class PromptFeeder:
             batch = list(itertools.islice(self.problems, chunk))
             if not batch:
                 return
-            produce(self.client, self.stream, [encode(self._prompt(p)) for p in batch])
+            produce(self.client, self.stream, [encode(self._prompt(p)) for p in batch], counter=FED_FIELD)
             self.fed += len(batch)
 
     def _prompt(self, problem: Problem) -> Prompt:

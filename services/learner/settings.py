@@ -72,7 +72,10 @@ class LearnerSettings(ScoringSettings):
     prompts_file: str = ""
     """JSONL with {"prompt": ..., "answer": ...} per line; empty: the built-in addition task."""
     keep_versions: int = 3
-    """Published weight versions kept on disk (older ones are deleted)."""
+    """Published weight versions kept on disk (older ones are deleted once keep_versions_s old)."""
+    keep_versions_s: float = 60.0
+    """A version is deleted only after it has been published this long, whatever keep_versions
+    says: a slow rollout still loading it keeps its files."""
     output_dir: str = "runs/default/student"
     """Where the final student (HF checkpoint + tokenizer) is saved when the run ends."""
     reset: bool = False

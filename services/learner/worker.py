@@ -20,13 +20,14 @@ import json
 import logging
 import threading
 import time
+import uuid
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.learner import checkpoint
 from services.learner.settings import LearnerSettings
-from services.learner.staleness import StalenessTracker
+from services.learner.staleness import Lineage, StalenessTracker
 from shared.admission import Admission, release_poison, set_limits
 from shared.run_record import read as read_record
 from shared.service import Context, dead_letter, decode_batch, isolate
@@ -85,9 +86,11 @@ class LearnerWorker:
                                dtype=settings.dtype)
         self.version = 0
         self.tracker = StalenessTracker(settings.max_staleness)
+        self.lineage = Lineage()  # epochs: every restore from a checkpoint starts one
         self.lm = LearnerMetrics(ctx)
         self.admission = Admission(ctx.client, ctx.keys)
-        self.stats: dict[str, Any] = {"trained_tokens": 0, "dead_letters": 0, "correct": 0, "duplicates": 0}
+        self.stats: dict[str, Any] = {"trained_tokens": 0, "dead_letters": 0, "correct": 0, "duplicates": 0,
+                                      "abandoned": 0}
         self.snapshots: dict[str, str] = {}  # replicas' reports at the first and last step (bench)
         self.consumer: StreamConsumer | None = None
         self.record: dict[str, int] = {}  # the run's invariants (shared/run_record.py), see check()
@@ -136,12 +139,13 @@ class LearnerWorker:
         finally:
             feeder.close()
         self._finish(completed=self._done())
+        self.consumer.close()
 
     def _done(self) -> bool:
         return self.s.max_steps > 0 and self.version >= self.s.max_steps
 
     def _start(self):
-        from services.learner.feeder import PromptFeeder, builtin_problems, file_problems
+        from services.learner.feeder import FED_FIELD, PromptFeeder, builtin_problems, file_problems
 
         ctx, keys = self.ctx, self.ctx.keys
         if self.s.reset:  # explicit: the run's streams, counts and checkpoints go
@@ -163,7 +167,9 @@ class LearnerWorker:
             self._restore(ckpt)
         self._publish()
         problems = file_problems(self.s.prompts_file) if self.s.prompts_file else builtin_problems(self.s.seed)
-        fed = self.resumed.get("prompts_fed", 0)  # resume the prompt order where it was
+        # resume the prompt order after the last prompt fed (Redis counts it with each XADD, so
+        # prompts fed after the checkpoint, still in the stream, are not fed twice)
+        fed = max(self.resumed.get("prompts_fed", 0), int(ctx.client.hget(keys.produced, FED_FIELD) or 0))
         self.feeder = PromptFeeder(ctx.client, keys.prompts, self.tokenizer,
                                    itertools.islice(problems, fed, None), self.s.prompt_backlog,
                                    lambda: self.version, fed=fed)
@@ -186,6 +192,8 @@ class LearnerWorker:
                 self.stats["duplicates"] += 1
                 self.lm.dropped.labels(**self.lm.lab, reason="duplicate").inc()
                 self.consumer.ack([entry_id])
+            elif not self.lineage.current(msg.trajectory.weight_epoch, msg.weight_version):
+                self._abandon(msg, Entry(entry_id, payloads[entry_id]))
             elif self.tracker.admit(self.version, msg.weight_version):
                 batch.append(msg)
                 ids.append(entry_id)
@@ -194,10 +202,31 @@ class LearnerWorker:
             else:  # recorded in the dead-letter stream, so every trajectory is accounted for
                 reason = "foreign" if msg.weight_version > self.version else "stale"
                 self.lm.dropped.labels(**self.lm.lab, reason=reason).inc()
-                self.consumer.dead_letter(self.ctx.keys.dead, Entry(entry_id, payloads[entry_id]),
-                                          f"dropped: {reason}, staleness {self.version - msg.weight_version}"
-                                          f" (max {self.s.max_staleness})")
-                self.admission.release_tokens([msg.trajectory.prompt.prompt_id])
+                self._drop(msg, Entry(entry_id, payloads[entry_id]), f"dropped: {reason}, staleness "
+                           f"{self.version - msg.weight_version} (max {self.s.max_staleness})")
+
+    def _drop(self, msg: ScoredTrajectory, entry: Entry, reason: str) -> bool:
+        """Dead-letter a trajectory that will not be trained; its admission slot comes back."""
+        if not self.consumer.dead_letter(self.ctx.keys.dead, entry, reason):
+            return False
+        self.admission.release_tokens([msg.trajectory.prompt.prompt_id])
+        return True
+
+    def _abandon(self, msg: ScoredTrajectory, entry: Entry) -> None:
+        """A trajectory from weights a restore discarded: its version number now names other
+        weights. Its prompt goes back to the prompt stream (a new id) to be sampled again."""
+        from shared.streams import produce
+        from shared.wire import Prompt, encode
+
+        old = msg.trajectory.prompt
+        again = Prompt(uuid.uuid4().hex, old.prompt_ids_P, old.answer, self.version)
+        produce(self.ctx.client, self.ctx.keys.prompts, [encode(again)])
+        start = self.lineage.starts[self.lineage.epoch]
+        if self._drop(msg, entry, f"abandoned: generated by version {msg.weight_version} of epoch "
+                      f"{msg.trajectory.weight_epoch}, discarded by the restore to version {start} "
+                      f"(epoch {self.lineage.epoch}); prompt re-queued as {again.prompt_id}"):
+            self.stats["abandoned"] += 1
+            self.lm.dropped.labels(**self.lm.lab, reason="abandoned").inc()
 
     def _train(self, batch: list[ScoredTrajectory], ids: list[bytes]) -> tuple[list[ScoredTrajectory], list[bytes]]:
         """One step on the batch; returns what is left to collect on (nothing, unless a message
@@ -268,9 +297,10 @@ class LearnerWorker:
     def _publish(self) -> None:
         finished = time.time()
         with self.ctx.metrics.timed("weights"):
-            path = save_version(self.model, self.s.weights_dir, self.version)
-            announce(self.ctx.client, self.ctx.keys, self.version, path, step_finished_at=finished)
-            prune_versions(self.s.weights_dir, self.s.keep_versions, self.version)
+            epoch = self.lineage.epoch
+            path = save_version(self.model, self.s.weights_dir, self.version, epoch)
+            announce(self.ctx.client, self.ctx.keys, self.version, path, step_finished_at=finished, epoch=epoch)
+            prune_versions(self.s.weights_dir, self.s.keep_versions, self.version, self.s.keep_versions_s, epoch)
         self.ctx.metrics.weight_version.set(self.version)
 
     def _write_stats(self, metrics: dict[str, float], sample_accuracy: float, status: str = "running") -> None:
@@ -304,6 +334,7 @@ class LearnerWorker:
         horizon = self.version - max(self.s.dedup_window, self.s.max_staleness + 2)
         self.consumed = {k: v for k, v in self.consumed.items() if v >= horizon}
         state = {"consumed": self.consumed, "stats": self.stats, "prompts_fed": self.feeder.fed,
+                 "lineage": {str(e): v for e, v in self.lineage.starts.items()},
                  "tracker": {"trained": dict(self.tracker.trained), "dropped_stale": self.tracker.dropped_stale,
                              "dropped_foreign": self.tracker.dropped_foreign}}
         with self.ctx.metrics.timed("checkpoint"):
@@ -317,15 +348,18 @@ class LearnerWorker:
         """Resume from a checkpoint; take over the previous learner's pending entries at once."""
         state = checkpoint.load(path, self.model, self.trainer.optimizer)
         self.resumed = state
-        self.version, self.consumed, self.stats = state["version"], state["consumed"], state["stats"]
+        self.version, self.consumed = state["version"], state["consumed"]
+        self.stats.update(state["stats"])
         self.trainer.steps = self.version  # the warm-up continues where it was
+        self.lineage = Lineage({int(e): v for e, v in state.get("lineage", {"0": 0}).items()})
+        self.lineage.restore(self.version)  # what the dead learner published after this is abandoned
         tracker = state["tracker"]
         self.tracker.trained.update({int(k): v for k, v in tracker["trained"].items()})
         self.tracker.dropped_stale, self.tracker.dropped_foreign = tracker["dropped_stale"], tracker["dropped_foreign"]
         assert self.consumer is not None
         self.consumer.take_over_pending()
-        log.info("resumed from %s at version %d (%d trajectories consumed)", path, self.version,
-                 len(self.consumed))
+        log.info("resumed from %s at version %d, epoch %d (%d trajectories consumed)", path, self.version,
+                 self.lineage.epoch, len(self.consumed))
 
     def _finish(self, completed: bool) -> None:
         from pathlib import Path

@@ -26,8 +26,8 @@ from shared.run_record import claim
 from shared.service import Context, dead_letter, decode_batch, isolate
 from shared.settings import resolve_device
 from shared.streams import Entry, backlog, wait_for_room
-from shared.weights import latest, wait_for_new_version
-from shared.wire import Prompt, Trajectory, WireError, encode
+from shared.weights import latest, wait_for_new_version, weight_lag
+from shared.wire import Prompt, Trajectory, WireError, decode, encode
 
 log = logging.getLogger("opd.rollout")
 
@@ -39,12 +39,12 @@ class RolloutWorker:
         self.ctx, self.s = ctx, settings
         seed = settings.seed + zlib.crc32(settings.replica.encode())
         self.backend = make_backend(settings, resolve_device(settings.device), seed)
-        self.version = -1
+        self.version, self.epoch = -1, 0  # of the weights held (the learner's epoch and version)
         self.published_at = 0.0  # of the announcement whose weights we hold
         self.cursor: bytes | str = "0-0"  # position in the versions stream (wake-ups)
         self.admission = Admission(ctx.client, ctx.keys)
         # a poison prompt was admitted under its dead reader's grant: give that slot back
-        self.consumer = ctx.consumer(ctx.keys.prompts, "rollout", on_poison=lambda _: self.admission.release(1))
+        self.consumer = ctx.consumer(ctx.keys.prompts, "rollout", on_poison=self._release_poison)
         self.weight_lag = Histogram(
             "opd_weight_lag_seconds", "Learner step end (before saving) to generating with its weights",
             ["service", "replica"], registry=ctx.metrics.registry,
@@ -65,7 +65,9 @@ class RolloutWorker:
             self.ctx.heartbeat.beat("waiting")
             entries = self._next_batch(stop)
             if entries:
-                self._process(entries)
+                with self.consumer.lease([e.id for e in entries]):  # a slow batch keeps its prompts
+                    self._process(entries)
+        self.consumer.close()
 
     def _next_batch(self, stop: threading.Event) -> list[Entry]:
         """Reclaimed prompts first; else newly admitted ones (admission released if unused)."""
@@ -86,6 +88,13 @@ class RolloutWorker:
         entries = self.consumer.read_new(granted, block_ms=500)
         self.admission.release(granted - len(entries))
         return entries
+
+    def _release_poison(self, entry: Entry) -> None:
+        self.admission.release(1)
+        try:  # and its token, if a reader held one
+            self.admission.consume([decode(entry.payload, Prompt).prompt_id])
+        except WireError:
+            pass
 
     def check(self, prompt: Prompt) -> None:
         ids = prompt.prompt_ids_P
@@ -133,7 +142,7 @@ class RolloutWorker:
                 else np.full(len(s.completion_ids_T), self.version, np.int32),
                 mc_ids_TN=s.mc_ids_TN, mc_logprobs_TN=s.mc_logprobs_TN,
                 finish_reason=s.finish_reason, replica=self.s.replica,
-                started_at=started, finished_at=finished,
+                started_at=started, finished_at=finished, weight_epoch=self.epoch,
             )
             for p, s in zip(prompts, samples)
         ], failures
@@ -156,9 +165,16 @@ class RolloutWorker:
             except FileNotFoundError:
                 time.sleep(0.05)  # pruned while we looked: a newer pointer exists
                 continue
+            except Exception as e:  # a load cut short by pruning surfaces as other errors too (vLLM, NFS)
+                newer = latest(self.ctx.client, self.ctx.keys)
+                if newer is None or newer.published_at == ann.published_at:
+                    raise  # nothing newer replaced it: a real load failure
+                log.warning("loading version %d failed (%r); a newer one was announced meanwhile",
+                            ann.weight_version, e)
+                continue
             if self.version >= 0:  # a broadcast, not this replica's start-up load
-                self._record_lag(time.time() - ann.step_finished_at)
-            self.version, self.published_at = ann.weight_version, ann.published_at
+                self._record_lag(weight_lag(self.ctx.client, ann))
+            self.version, self.epoch, self.published_at = ann.weight_version, ann.epoch, ann.published_at
             self.ctx.metrics.weight_version.set(self.version)
             log.info("loaded weight version %d", self.version)
             return

@@ -56,12 +56,14 @@ class TeacherWorker:
             need = min(self.s.batch_size, self.s.max_backlog)
             if not wait_for_room(client, keys.scored, self.s.max_backlog, need, stop=stop.is_set,
                                  on_wait=lambda: self.ctx.heartbeat.beat("backpressure")):
-                return
+                break
             entries = self.consumer.read(self.s.batch_size, block_ms=500)
             d = decode_batch(self.ctx, self.consumer, entries, Trajectory, self.check)
             self.admission.release_tokens([t.prompt.prompt_id for t in d.invalid])
             if d.messages:
-                self._score(d.messages, d.ids, {e.id: e.payload for e in entries})
+                with self.consumer.lease(d.ids):  # a slow batch keeps its trajectories
+                    self._score(d.messages, d.ids, {e.id: e.payload for e in entries})
+        self.consumer.close()
 
     def _score(self, trajs: list[Trajectory], ids: list[bytes], payload: dict[bytes, bytes]) -> None:
         self.ctx.heartbeat.beat("scoring")
