@@ -170,7 +170,8 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     from shared.redis_server import EmbeddedRedis
-    from shared.streams import Keys, connect
+    from shared.keys import Keys
+    from shared.streams import connect
 
     hf_logging.disable_progress_bar()  # the evaluations load models: no progress bars in the summary
 

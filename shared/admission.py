@@ -29,7 +29,8 @@ from collections.abc import Callable
 
 import redis
 
-from shared.streams import Entry, Keys
+from shared.keys import Keys
+from shared.streams import Entry
 
 # KEYS: admitted, version, limits, this request's key. A request id seen before (the client
 # retried after a lost reply) gets its first answer back and changes nothing.

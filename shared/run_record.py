@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import redis
 
-from shared.streams import Keys
+from shared.keys import Keys
 
 
 class RunMismatch(RuntimeError):

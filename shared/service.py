@@ -21,7 +21,8 @@ import redis
 
 from shared.monitoring import Heartbeat, ServiceMetrics, serve
 from shared.settings import ServiceSettings
-from shared.streams import (DeadLetters, Entry, Keys, RedisFatal, StreamConsumer, connect, ping, probe_client,
+from shared.keys import Keys
+from shared.streams import (DeadLetters, Entry, RedisFatal, StreamConsumer, connect, ping, probe_client,
                             wait_for_redis)
 from shared.wire import Message, WireError, decode
 

@@ -7,7 +7,7 @@ crash leaves it pending for `XAUTOCLAIM` by a live replica. Consumed entries are
 stream holds only undelivered and pending entries; producers wait while the undelivered
 backlog is at its bound (`wait_for_room`) instead of trimming unconsumed data.
 
-All stream and key names live in `Keys`; every entry holds one msgpack message under field
+All stream and key names live in `Keys` (shared/keys.py); every entry holds one msgpack message under field
 `m` (see shared/wire.py).
 """
 
@@ -26,99 +26,12 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from shared.keys import Keys
+
 FIELD = b"m"
 MOVE_CHUNK = 1000  # ids per hand-off script call
 log = logging.getLogger("opd.streams")
 
-
-@dataclass(frozen=True)
-class Keys:
-    """Every Redis stream and key of one run, namespaced by the run name."""
-
-    run: str
-
-    def _k(self, name: str) -> str:
-        return f"opd:{self.run}:{name}"
-
-    @property
-    def prompts(self) -> str:
-        """Stream: Prompt messages, feeder -> rollout."""
-        return self._k("prompts")
-
-    @property
-    def trajectories(self) -> str:
-        """Stream: Trajectory messages, rollout -> teacher."""
-        return self._k("trajectories")
-
-    @property
-    def scored(self) -> str:
-        """Stream: ScoredTrajectory messages, teacher -> learner."""
-        return self._k("scored")
-
-    @property
-    def dead(self) -> str:
-        """Stream: entries that failed validation or were dropped, capped (fields m, reason, source, id, bytes)."""
-        return self._k("dead")
-
-    @property
-    def weights(self) -> str:
-        """Key: the newest WeightAnnouncement (msgpack)."""
-        return self._k("weights")
-
-    @property
-    def versions(self) -> str:
-        """Stream: one entry per published version (a wake-up signal, capped in length)."""
-        return self._k("versions")
-
-    @property
-    def version(self) -> str:
-        """Key: the learner's current weight version (int), read by admission control."""
-        return self._k("version")
-
-    @property
-    def admitted(self) -> str:
-        """Key: trajectories admitted for generation so far (int), see shared/admission.py."""
-        return self._k("admitted")
-
-    @property
-    def admission_tokens(self) -> str:
-        """Set: prompt ids admitted and not yet trained or released (each releases once)."""
-        return self._k("admission_tokens")
-
-    @property
-    def record(self) -> str:
-        """Hash: the run-wide invariants (top_k, draws, mc_samples), see shared/run_record.py."""
-        return self._k("record")
-
-    @property
-    def limits(self) -> str:
-        """Hash: batch_size and max_staleness, written by the learner, read by admission."""
-        return self._k("limits")
-
-    @property
-    def replicas(self) -> str:
-        """Hash: replica name -> JSON status (service, busy_s, items, tokens, overhead_s, state, at, info)."""
-        return self._k("replicas")
-
-    @property
-    def produced(self) -> str:
-        """Hash: downstream stream -> entries ever handed off to it (audit counts)."""
-        return self._k("produced")
-
-    @property
-    def stats(self) -> str:
-        """Hash: learner progress and run summary (step, consumed, staleness counts...)."""
-        return self._k("stats")
-
-    def all(self) -> list[str]:
-        return [
-            self.prompts, self.trajectories, self.scored, self.dead,
-            self.weights, self.versions, self.version, self.admitted, self.admission_tokens, self.record,
-            self.limits, self.replicas, self.produced, self.stats,
-        ]
-
-
-GROUPS = {"prompts": "rollout", "trajectories": "teacher", "scored": "learner"}
 
 # KEYS: downstream stream, source stream, produced-counts hash. ARGV: group, consumer, E entries, F values per
 # entry, maxlen of the downstream stream (0: none; the dead-letter stream is capped, work

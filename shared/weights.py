@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from shared.streams import Keys
+from shared.keys import Keys
 from shared.wire import WeightAnnouncement, decode, encode
 
 if TYPE_CHECKING:

@@ -9,7 +9,8 @@ import pytest
 import redis
 
 from shared.redis_server import EmbeddedRedis
-from shared.streams import Keys, connect
+from shared.keys import Keys
+from shared.streams import connect
 
 
 @pytest.fixture(scope="session")

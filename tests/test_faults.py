@@ -20,7 +20,8 @@ import pytest
 
 from services.launcher import Launcher
 from shared.redis_server import EmbeddedRedis
-from shared.streams import Keys, connect, produce
+from shared.keys import Keys
+from shared.streams import connect, produce
 from shared.wire import SCHEMA_VERSION
 
 pytestmark = [pytest.mark.smoke, pytest.mark.redis]

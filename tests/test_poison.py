@@ -23,7 +23,8 @@ import pytest
 
 from services.launcher import Launcher, service_command
 from shared.redis_server import EmbeddedRedis, free_port
-from shared.streams import Keys, connect, produce
+from shared.keys import Keys
+from shared.streams import connect, produce
 from shared.wire import Prompt, ScoredTrajectory, TeacherScores, Trajectory, encode
 from test_faults import accounting, kill, until
 

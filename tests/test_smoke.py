@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from services.launcher import Launcher
 from shared.models import builtin_path
 from shared.redis_server import free_port
-from shared.streams import GROUPS, Keys
+from shared.keys import GROUPS, Keys
 
 pytestmark = [pytest.mark.smoke, pytest.mark.redis]
 STEPS = 3

@@ -35,7 +35,8 @@ def _wait(launcher: Launcher, timeout_s: float) -> None:
 
 def run_mode(url: str, max_staleness: int, s: Any, run_dir: Path) -> dict[str, Any]:
     """One pipeline run; returns throughput, per-stage busy time per step and weight lag."""
-    from shared.streams import Keys, connect, read_stats
+    from shared.keys import Keys
+    from shared.streams import connect, read_stats
 
     run = f"bench-s{max_staleness}-{int(time.time())}"
     launcher = Launcher(env={"REDIS_URL": url, "OPD_RUN": run}, log_dir=run_dir / run / "logs")

@@ -1,0 +1,102 @@
+"""Every Redis stream and key name of a run, in one place (namespaced `opd:<run>:<name>`).
+
+Each property says what the key holds and who writes/reads it; docs/wire.md §1 has the
+full table.
+
+    from shared.keys import Keys
+    Keys("myrun").scored  # 'opd:myrun:scored'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Every Redis stream and key of one run, namespaced by the run name."""
+
+    run: str
+
+    def _k(self, name: str) -> str:
+        return f"opd:{self.run}:{name}"
+
+    @property
+    def prompts(self) -> str:
+        """Stream: Prompt messages, feeder -> rollout."""
+        return self._k("prompts")
+
+    @property
+    def trajectories(self) -> str:
+        """Stream: Trajectory messages, rollout -> teacher."""
+        return self._k("trajectories")
+
+    @property
+    def scored(self) -> str:
+        """Stream: ScoredTrajectory messages, teacher -> learner."""
+        return self._k("scored")
+
+    @property
+    def dead(self) -> str:
+        """Stream: entries that failed validation or were dropped, capped (fields m, reason, source, id, bytes)."""
+        return self._k("dead")
+
+    @property
+    def weights(self) -> str:
+        """Key: the newest WeightAnnouncement (msgpack)."""
+        return self._k("weights")
+
+    @property
+    def versions(self) -> str:
+        """Stream: one entry per published version (a wake-up signal, capped in length)."""
+        return self._k("versions")
+
+    @property
+    def version(self) -> str:
+        """Key: the learner's current weight version (int), read by admission control."""
+        return self._k("version")
+
+    @property
+    def admitted(self) -> str:
+        """Key: trajectories admitted for generation so far (int), see shared/admission.py."""
+        return self._k("admitted")
+
+    @property
+    def admission_tokens(self) -> str:
+        """Set: prompt ids admitted and not yet trained or released (each releases once)."""
+        return self._k("admission_tokens")
+
+    @property
+    def record(self) -> str:
+        """Hash: the run-wide invariants (top_k, draws, mc_samples), see shared/run_record.py."""
+        return self._k("record")
+
+    @property
+    def limits(self) -> str:
+        """Hash: batch_size and max_staleness, written by the learner, read by admission."""
+        return self._k("limits")
+
+    @property
+    def replicas(self) -> str:
+        """Hash: replica name -> JSON status (service, busy_s, items, tokens, overhead_s, state, at, info)."""
+        return self._k("replicas")
+
+    @property
+    def produced(self) -> str:
+        """Hash: downstream stream -> entries ever handed off to it (audit counts)."""
+        return self._k("produced")
+
+    @property
+    def stats(self) -> str:
+        """Hash: learner progress and run summary (step, consumed, staleness counts...)."""
+        return self._k("stats")
+
+    def all(self) -> list[str]:
+        return [
+            self.prompts, self.trajectories, self.scored, self.dead,
+            self.weights, self.versions, self.version, self.admitted, self.admission_tokens, self.record,
+            self.limits, self.replicas, self.produced, self.stats,
+        ]
+
+
+GROUPS = {"prompts": "rollout", "trajectories": "teacher", "scored": "learner"}
