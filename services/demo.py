@@ -31,7 +31,7 @@ class DemoSettings(BaseSettings):
                                       cli_kebab_case=True, cli_implicit_flags=True,
                                       cli_prog_name="opd demo")
 
-    steps: int = 600
+    steps: int = 1500
     """Learner optimizer steps."""
     minutes: float = 10.0
     """Stop training after this long even if the steps are not done."""
@@ -55,12 +55,18 @@ class DemoSettings(BaseSettings):
     """Learner AdamW learning rate."""
     warmup_steps: int = 30
     """Learner learning-rate warm-up steps."""
+    lr_schedule: str = "cosine"
+    """Learner learning rate after the warm-up: constant, or cosine decay over the steps."""
     student: str = "builtin:student"
     """Student checkpoint (path, hub id or builtin:student)."""
     teacher: str = "builtin:teacher"
     """Teacher checkpoint (path, hub id or builtin:teacher)."""
     eval_n: int = 500
-    """Held-out problems for the accuracy evaluation."""
+    """Held-out problems for the accuracy evaluation before and after training."""
+    eval_every: int = 100
+    """The learner's held-out evaluation every this many steps (0: off): progress, curve, plot."""
+    eval_problems: int = 200
+    """Held-out problems per evaluation during training (the first of the same eval set)."""
     run_dir: str = "runs/demo"
     """Logs, weight versions, the final student and summary.json go here."""
     http_base_port: int = 18000
@@ -71,12 +77,12 @@ class DemoSettings(BaseSettings):
 
 def evaluate(model_path: str, n: int) -> float:
     """Greedy exact-match accuracy on n held-out problems."""
-    from shared.evaluate import accuracy
+    from shared.evaluate import EVAL_SEED, accuracy
     from shared.models import load_model, load_tokenizer, resolve_model
     from shared.task import make_problems
 
     path = resolve_model(model_path)
-    return accuracy(load_model(path), load_tokenizer(path), make_problems(n, seed=1234, split="eval"))
+    return accuracy(load_model(path), load_tokenizer(path), make_problems(n, seed=EVAL_SEED, split="eval"))
 
 
 def _flags(s: DemoSettings, run_dir: Path) -> dict[str, dict[str, object]]:
@@ -85,7 +91,8 @@ def _flags(s: DemoSettings, run_dir: Path) -> dict[str, dict[str, object]]:
         "learner": {**common, "model": s.student, "batch_size": s.batch_size,
                     "max_staleness": 0 if s.sync else s.max_staleness, "max_steps": s.steps,
                     "losses": json.dumps(s.losses), "lr": s.lr, "seed": s.seed,
-                    "warmup_steps": s.warmup_steps,
+                    "warmup_steps": s.warmup_steps, "lr_schedule": s.lr_schedule,
+                    "eval_every": s.eval_every, "eval_problems": s.eval_problems,
                     "output_dir": run_dir / "student", "checkpoint_dir": run_dir / "checkpoints"},
         "teacher": {**common, "model": s.teacher},
         "rollout": {**common, "model": s.student, "batch_size": s.rollout_batch_size,
@@ -106,7 +113,9 @@ def _progress(stats: dict[str, str], s: DemoSettings) -> str:
     st = json.loads(stats.get("staleness", "{}") or "{}")
     m = json.loads(stats.get("metrics", "{}") or "{}")
     elapsed = float(stats.get("elapsed_s", 0)) or 1e-9
-    return (f"step {stats.get('step', 0):>4}/{s.steps}  fwdKL {m.get('kl/forward_topk', 0):.3f}  "
+    curve = json.loads(stats.get("eval_curve", "[]") or "[]")
+    held_out = f"held-out {curve[-1]['accuracy']:.3f} (step {curve[-1]['step']})  " if curve else ""
+    return (f"step {stats.get('step', 0):>4}/{s.steps}  {held_out}fwdKL {m.get('kl/forward_topk', 0):.3f}  "
             f"sample acc {float(stats.get('sample_accuracy', 0)):.2f}  "
             f"{int(stats.get('trained_trajectories', 0)) / elapsed:6.1f} traj/s  "
             f"staleness mean {st.get('mean', 0)} max {st.get('max', 0)}")
@@ -144,7 +153,35 @@ def summarize(stats: dict[str, str], acc: dict[str, float], s: DemoSettings) -> 
         "trajectories_per_s": round(int(stats.get("trained_trajectories", 0)) / elapsed, 2),
         "tokens_per_s": round(int(stats.get("trained_tokens", 0)) / elapsed, 1),
         "staleness": st, "dead_letters": int(stats.get("dead_letters", 0)),
+        "eval_curve": json.loads(stats.get("eval_curve", "[]") or "[]"),
     }
+
+
+def plot_curve(summary: dict[str, Any], path: Path) -> Path | None:
+    """Held-out accuracy vs steps and vs wall time, with the teacher's and the initial student's."""
+    curve = summary["eval_curve"]
+    if not curve:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, key, label in ((axes[0], "step", "learner step"), (axes[1], "elapsed_s", "wall time (s)")):
+        ax.plot([c[key] for c in curve], [c["accuracy"] for c in curve], marker=".", label="student (held-out)")
+        ax.axhline(summary["teacher_accuracy"], color="tab:green", ls="--", label="teacher")
+        ax.axhline(0.9 * summary["teacher_accuracy"], color="tab:green", ls=":", label="0.9 x teacher")
+        ax.axhline(summary["student_accuracy_before"], color="tab:gray", ls=":", label="student before")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("greedy exact match")
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"opd demo: {summary['mode']}, {summary['steps']} steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -196,6 +233,8 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
         summary = summarize(stats, acc, s)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary)
+        if (plot := plot_curve(summary, run_dir / "accuracy.png")) is not None:
+            print(f"  accuracy plot                {plot}")
         return summary
     finally:
         launcher.stop(grace_s=10)

@@ -45,8 +45,10 @@ if version >= 0 and batch >= 1 then
   local admitted = tonumber(redis.call('GET', KEYS[1]) or '0')
   grant = math.max(0, math.min(tonumber(ARGV[1]), (version + stale + 1) * batch - admitted))
 end
-redis.call('SET', KEYS[4], grant, 'EX', 600)
-if grant > 0 then redis.call('INCRBY', KEYS[1], grant) end
+if grant > 0 then  -- a retried zero grant took nothing: it may be answered afresh
+  redis.call('SET', KEYS[4], grant, 'EX', 600)
+  redis.call('INCRBY', KEYS[1], grant)
+end
 return {grant, version}
 """
 

@@ -44,6 +44,9 @@ def greedy_completions(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizer
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
 
+EVAL_SEED = 1234  # the held-out problems every report grades (demo, learner, eval CLI)
+
+
 def accuracy(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",
              problems: list[Problem], *, batch_size: int = 128,
              max_new_tokens: int = 8) -> float:

@@ -273,15 +273,17 @@ class StreamConsumer:
         return int(self._renew_script(keys=[self.stream], args=[self.group, self.consumer, *ids])) if ids else 0
 
     @contextmanager
-    def lease(self, ids: Sequence[bytes], every_s: float | None = None) -> Iterator[None]:
+    def lease(self, ids: Sequence[bytes], every_s: float | None = None,
+              alive: Callable[[], bool] = lambda: True) -> Iterator[None]:
         """Keep renewing the claim on `ids` while the block runs (every reclaim_idle / 3 by
-        default), so a live replica whose batch outlasts reclaim_idle is never robbed; a dead
-        or stalled process stops renewing and its entries are reclaimed as before."""
+        default) and `alive()` holds (the service passes its health check, so a loop hung
+        longer than its health window stops renewing), so a live replica whose batch
+        outlasts reclaim_idle is never robbed; a dead or hung one's entries are reclaimed."""
         every = every_s if every_s is not None else max(0.05, self.reclaim_idle_ms / 3000)
         done = threading.Event()
 
         def renew() -> None:
-            while not done.wait(every):
+            while not done.wait(every) and alive():
                 try:
                     self.renew(list(ids))
                 except redis.RedisError:  # best effort: the next renewal, or a reclaim, follows
@@ -335,9 +337,12 @@ class StreamConsumer:
     def close(self) -> None:
         """Leave the group on a clean stop: delete this consumer's name unless it still owns
         pending entries (deleting it would drop them; a live replica reclaims them instead)."""
-        mine = self.client.xpending_range(self.stream, self.group, "-", "+", 1, consumername=self.consumer)
-        if not mine:
-            self.client.xgroup_delconsumer(self.stream, self.group, self.consumer)
+        try:
+            mine = self.client.xpending_range(self.stream, self.group, "-", "+", 1, consumername=self.consumer)
+            if not mine:
+                self.client.xgroup_delconsumer(self.stream, self.group, self.consumer)
+        except redis.ResponseError:  # the stream or group is gone (a --reset): nothing to leave
+            pass
 
     def pending(self) -> int:
         """Entries delivered to this group and not yet acked."""

@@ -31,3 +31,12 @@ def test_lineage_keeps_versions_up_to_each_restore_point():
     lineage.restore(5)
     assert lineage.current(1, 5) and not lineage.current(1, 6) and not lineage.current(0, 4)
     assert not lineage.current(3, 0)  # an epoch this learner never had
+
+
+def test_lineage_names_the_restore_that_discarded_a_version():
+    from services.learner.staleness import Lineage
+
+    lineage = Lineage({0: 0, 1: 10, 2: 15})
+    assert lineage.discarded_by(0, 12) == (1, 10)  # the first restore, not the latest one
+    assert lineage.discarded_by(1, 16) == (2, 15) and lineage.discarded_by(1, 15) is None
+    assert lineage.discarded_by(2, 40) is None

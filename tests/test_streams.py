@@ -315,3 +315,31 @@ def test_weight_lag_does_not_compare_two_machines_clocks(client, keys):
         time.time = real_time
     lag = weight_lag(client, latest(client, keys))
     assert 0.5 <= lag < 1.5  # 0.5 s of saving on the learner + the moments since, not -1000 s
+
+
+def test_a_resumed_feeder_does_not_feed_prompts_twice(client, keys):
+    """A learner checkpointed after 8 prompts, fed 16 more, died: its successor resumes at 24."""
+    import itertools
+
+    from services.learner.feeder import PromptFeeder, builtin_problems, resume_position
+    from shared.models import load_tokenizer
+    from shared.wire import Prompt, decode
+
+    tok = load_tokenizer("builtin:student")
+    first = PromptFeeder(client, keys.prompts, tok, builtin_problems(0), backlog=24, version=lambda: 0).start()
+    deadline = time.monotonic() + 10
+    while client.xlen(keys.prompts) < 24 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.close()
+    assert first.fed == 24
+    fed = resume_position(client, keys.produced, checkpointed=8)
+    assert fed == 24
+    second = PromptFeeder(client, keys.prompts, tok, itertools.islice(builtin_problems(0), fed, None),
+                          backlog=48, version=lambda: 0, fed=fed).start()
+    deadline = time.monotonic() + 10
+    while client.xlen(keys.prompts) < 48 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second.close()
+    texts = [tok.decode(decode(f[b"m"], Prompt).prompt_ids_P) for _, f in client.xrange(keys.prompts)]
+    want = [tok.decode(tok(p.prompt)["input_ids"]) for p in itertools.islice(builtin_problems(0), 48)]
+    assert texts == want  # problems 0..47 once each, in order: none fed twice, none skipped

@@ -50,6 +50,12 @@ def file_problems(path: str) -> Iterator[Problem]:
 FED_FIELD = "feeder_position"  # field of the run's `produced` hash: problems ever fed, updated with each XADD
 
 
+def resume_position(client: redis.Redis, produced_key: str, checkpointed: int) -> int:
+    """Problems already fed: Redis counts them with each write, so prompts fed after the last
+    checkpoint (still in the stream) are not fed again; the checkpoint's count is the floor."""
+    return max(checkpointed, int(client.hget(produced_key, FED_FIELD) or 0))
+
+
 class PromptFeeder:
     def __init__(self, client: redis.Redis, stream: str, tokenizer, problems: Iterator[Problem],
                  backlog: int, version: Callable[[], int], fed: int = 0) -> None:

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -63,6 +63,16 @@ class LearnerSettings(ScoringSettings):
     """AdamW learning rate."""
     warmup_steps: int = 10
     """Linear learning-rate warm-up over the first steps (fresh AdamW moments are noisy)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """After the warm-up: constant, or cosine decay to lr_min_ratio x lr at max_steps."""
+    lr_min_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    """Final learning rate of the cosine schedule, as a fraction of lr."""
+    eval_every: int = Field(default=0, ge=0)
+    """Greedy exact-match accuracy on held-out problems every this many steps (and at the
+    start): printed, exported as opd_eval_accuracy, kept as a curve in the run's stats (0: off;
+    the built-in task only)."""
+    eval_problems: int = Field(default=200, ge=1)
+    """Held-out problems per evaluation (the built-in task's eval split)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     grad_clip: float = 1.0

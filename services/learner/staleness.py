@@ -36,7 +36,11 @@ class Lineage:
     def current(self, epoch: int, version: int) -> bool:
         """Were the weights (epoch, version) kept by every later restore? Versions up to a
         restore point are the same weights in both epochs; later ones were discarded."""
-        return epoch <= self.epoch and all(version <= start for e, start in self.starts.items() if e > epoch)
+        return epoch <= self.epoch and self.discarded_by(epoch, version) is None
+
+    def discarded_by(self, epoch: int, version: int) -> tuple[int, int] | None:
+        """(epoch, start) of the first restore that discarded weights (epoch, version), if any."""
+        return next(((e, s) for e, s in sorted(self.starts.items()) if e > epoch and version > s), None)
 
 
 @dataclass

@@ -17,6 +17,8 @@ parameters and AdamW state stay float32; log-prob and loss maths are float32 eit
 from __future__ import annotations
 
 import contextlib
+import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,15 +31,40 @@ from shared.sequences import pack, pad_rows
 from shared.wire import ScoredTrajectory
 
 
+@dataclass(frozen=True)
+class LrSchedule:
+    """Linear warm-up over `warmup_steps`, then constant or cosine decay to `min_ratio` x lr
+    at `total_steps` (a schedule without a known end stays constant)."""
+
+    warmup_steps: int = 0
+    kind: str = "constant"
+    total_steps: int = 0
+    min_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("constant", "cosine"):
+            raise ValueError(f"lr schedule must be constant or cosine, got {self.kind!r}")
+
+    def factor(self, step: int) -> float:
+        """The learning-rate multiplier of optimizer step `step` (1-based)."""
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            return step / self.warmup_steps
+        if self.kind == "constant" or self.total_steps <= self.warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 class Trainer:
     def __init__(self, model: torch.nn.Module, *, lr: float, weight_decay: float,
                  grad_clip: float, objective: ObjectiveConfig, pad_id: int, warmup_steps: int = 0,
                  chunk_tokens: int = 1024, max_tokens_per_microbatch: int = 0,
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", schedule: LrSchedule | None = None) -> None:
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"learner dtype must be float32 or bfloat16, got {dtype!r}")
         self.model, self.grad_clip, self.objective, self.pad_id = model, grad_clip, objective, pad_id
         self.lr, self.warmup_steps, self.steps = lr, warmup_steps, 0
+        self.schedule = schedule or LrSchedule(warmup_steps=warmup_steps)
         self.chunk_tokens, self.max_tokens, self.dtype = chunk_tokens, max_tokens_per_microbatch, dtype
         self.device = next(model.parameters()).device
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -64,10 +91,10 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             metrics["grad_norm"] = float(norm)
         self.steps += 1
-        warmup = min(1.0, self.steps / self.warmup_steps) if self.warmup_steps > 0 else 1.0
-        for group in self.optimizer.param_groups:  # linear warm-up; VCPO scales this step only
-            group["lr"] = self.lr * warmup * lr_scale
-        metrics.update(lr=self.lr * warmup * lr_scale, lr_scale=lr_scale, microbatches=len(groups))
+        lr = self.lr * self.schedule.factor(self.steps) * lr_scale  # VCPO scales this step only
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        metrics.update(lr=lr, lr_scale=lr_scale, microbatches=len(groups))
         self.optimizer.step()
         self.model.eval()
         return metrics

@@ -59,6 +59,8 @@ class LearnerMetrics:
                              registry=r).labels(**lab)
         self.accuracy = Gauge("opd_sample_accuracy", "Exact-match accuracy of trained samples",
                               list(lab), registry=r).labels(**lab)
+        self.eval_accuracy = Gauge("opd_eval_accuracy", "Greedy exact-match accuracy on held-out problems",
+                                   list(lab), registry=r).labels(**lab)
         self.lab = lab
 
 
@@ -66,7 +68,7 @@ class LearnerWorker:
     def __init__(self, ctx: Context, settings: LearnerSettings) -> None:
         import torch
 
-        from services.learner.trainer import Trainer
+        from services.learner.trainer import LrSchedule, Trainer
         from shared.models import enable_activation_checkpointing, load_model, load_tokenizer, resolve_model
 
         torch.manual_seed(settings.seed)
@@ -80,6 +82,8 @@ class LearnerWorker:
         self.trainer = Trainer(self.model, lr=settings.lr, weight_decay=settings.weight_decay,
                                grad_clip=settings.grad_clip, objective=settings.objective(),
                                warmup_steps=settings.warmup_steps,
+                               schedule=LrSchedule(settings.warmup_steps, settings.lr_schedule,
+                                                   settings.max_steps, settings.lr_min_ratio),
                                pad_id=int(self.tokenizer.pad_token_id),
                                chunk_tokens=settings.logprob_chunk_tokens,
                                max_tokens_per_microbatch=settings.max_tokens_per_microbatch,
@@ -125,8 +129,10 @@ class LearnerWorker:
             raise WireError("the configured losses need MC samples / teacher draws this message lacks")
 
     def run(self, stop: threading.Event) -> None:
-        feeder = self._start()
         self.started_at = time.time()
+        feeder = self._start()
+        if self.s.eval_every and not self.stats.get("eval_curve"):
+            self._evaluate()  # the curve starts at the initial student
         batch: list[ScoredTrajectory] = []
         ids: list[bytes] = []
         try:
@@ -145,7 +151,7 @@ class LearnerWorker:
         return self.s.max_steps > 0 and self.version >= self.s.max_steps
 
     def _start(self):
-        from services.learner.feeder import FED_FIELD, PromptFeeder, builtin_problems, file_problems
+        from services.learner.feeder import PromptFeeder, builtin_problems, file_problems, resume_position
 
         ctx, keys = self.ctx, self.ctx.keys
         if self.s.reset:  # explicit: the run's streams, counts and checkpoints go
@@ -169,12 +175,13 @@ class LearnerWorker:
         problems = file_problems(self.s.prompts_file) if self.s.prompts_file else builtin_problems(self.s.seed)
         # resume the prompt order after the last prompt fed (Redis counts it with each XADD, so
         # prompts fed after the checkpoint, still in the stream, are not fed twice)
-        fed = max(self.resumed.get("prompts_fed", 0), int(ctx.client.hget(keys.produced, FED_FIELD) or 0))
+        fed = resume_position(ctx.client, keys.produced, self.resumed.get("prompts_fed", 0))
         self.feeder = PromptFeeder(ctx.client, keys.prompts, self.tokenizer,
                                    itertools.islice(problems, fed, None), self.s.prompt_backlog,
                                    lambda: self.version, fed=fed)
-        if ckpt is None:
-            self._checkpoint()  # version 0: a restart from here on resumes, never starts over
+        # a new run's version 0, or a restore's new epoch: recorded before anything is trained, so a
+        # restart from here on resumes (never starts over) and never reuses an epoch number
+        self._checkpoint()
         return self.feeder.start()
 
     def _collect(self, batch: list[ScoredTrajectory], ids: list[bytes]) -> None:
@@ -192,7 +199,8 @@ class LearnerWorker:
                 self.stats["duplicates"] += 1
                 self.lm.dropped.labels(**self.lm.lab, reason="duplicate").inc()
                 self.consumer.ack([entry_id])
-            elif not self.lineage.current(msg.trajectory.weight_epoch, msg.weight_version):
+            elif msg.trajectory.weight_epoch <= self.lineage.epoch and not self.lineage.current(
+                    msg.trajectory.weight_epoch, msg.weight_version):
                 self._abandon(msg, Entry(entry_id, payloads[entry_id]))
             elif self.tracker.admit(self.version, msg.weight_version):
                 batch.append(msg)
@@ -200,7 +208,8 @@ class LearnerWorker:
                 in_batch.add(traj_id)
                 self.payloads[entry_id] = payloads[entry_id]
             else:  # recorded in the dead-letter stream, so every trajectory is accounted for
-                reason = "foreign" if msg.weight_version > self.version else "stale"
+                foreign = msg.weight_version > self.version or msg.trajectory.weight_epoch > self.lineage.epoch
+                reason = "foreign" if foreign else "stale"
                 self.lm.dropped.labels(**self.lm.lab, reason=reason).inc()
                 self._drop(msg, Entry(entry_id, payloads[entry_id]), f"dropped: {reason}, staleness "
                            f"{self.version - msg.weight_version} (max {self.s.max_staleness})")
@@ -220,11 +229,11 @@ class LearnerWorker:
 
         old = msg.trajectory.prompt
         again = Prompt(uuid.uuid4().hex, old.prompt_ids_P, old.answer, self.version)
-        produce(self.ctx.client, self.ctx.keys.prompts, [encode(again)])
-        start = self.lineage.starts[self.lineage.epoch]
+        epoch, start = self.lineage.discarded_by(msg.trajectory.weight_epoch, msg.weight_version)
         if self._drop(msg, entry, f"abandoned: generated by version {msg.weight_version} of epoch "
                       f"{msg.trajectory.weight_epoch}, discarded by the restore to version {start} "
-                      f"(epoch {self.lineage.epoch}); prompt re-queued as {again.prompt_id}"):
+                      f"(epoch {epoch}); prompt re-queued as {again.prompt_id}"):
+            produce(self.ctx.client, self.ctx.keys.prompts, [encode(again)])  # at most once: after the record
             self.stats["abandoned"] += 1
             self.lm.dropped.labels(**self.lm.lab, reason="abandoned").inc()
 
@@ -249,6 +258,8 @@ class LearnerWorker:
         self._publish()
         if self.version % self.s.checkpoint_every == 0:
             self._checkpoint()
+        if self.s.eval_every and self.version % self.s.eval_every == 0:
+            self._evaluate()
         self._account(batch, metrics, elapsed)
         return [], []
 
@@ -265,6 +276,22 @@ class LearnerWorker:
                 self.admission.release_tokens([batch[i].trajectory.prompt.prompt_id])
         failed = {i for i, _ in failures}
         return [i for i in range(len(batch)) if i not in failed]
+
+    def _evaluate(self) -> None:
+        """Held-out greedy accuracy of the current weights: gauge, log, and the stats' curve."""
+        from shared.evaluate import EVAL_SEED, accuracy
+        from shared.task import make_problems
+
+        if self.s.prompts_file:
+            return  # a prompts file brings no verifier here: nothing to grade
+        self.ctx.heartbeat.beat("evaluating")
+        problems = make_problems(self.s.eval_problems, seed=EVAL_SEED, split="eval")
+        acc = accuracy(self.model, self.tokenizer, problems)
+        self.lm.eval_accuracy.set(acc)
+        self.stats.setdefault("eval_curve", []).append(
+            {"step": self.version, "accuracy": round(acc, 4), "elapsed_s": round(time.time() - self.started_at, 2)})
+        self.ctx.client.hset(self.ctx.keys.stats, "eval_curve", json.dumps(self.stats["eval_curve"]))
+        log.info("step %d held-out accuracy %.3f (%d problems)", self.version, acc, len(problems))
 
     def _account(self, batch: list[ScoredTrajectory], metrics: dict[str, float], elapsed: float) -> None:
         from shared.task import Problem, is_correct

@@ -65,7 +65,7 @@ class RolloutWorker:
             self.ctx.heartbeat.beat("waiting")
             entries = self._next_batch(stop)
             if entries:
-                with self.consumer.lease([e.id for e in entries]):  # a slow batch keeps its prompts
+                with self.consumer.lease([e.id for e in entries], alive=self.ctx.heartbeat.healthy):
                     self._process(entries)
         self.consumer.close()
 

@@ -61,7 +61,7 @@ class TeacherWorker:
             d = decode_batch(self.ctx, self.consumer, entries, Trajectory, self.check)
             self.admission.release_tokens([t.prompt.prompt_id for t in d.invalid])
             if d.messages:
-                with self.consumer.lease(d.ids):  # a slow batch keeps its trajectories
+                with self.consumer.lease(d.ids, alive=self.ctx.heartbeat.healthy):  # a slow batch keeps them
                     self._score(d.messages, d.ids, {e.id: e.payload for e in entries})
         self.consumer.close()
 
