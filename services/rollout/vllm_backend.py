@@ -39,12 +39,14 @@ Requirements the hooks rely on (set here): the V1 model runner
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from shared.vllm_engine import (checkpoint_dtype, from_wire, merge_replies, require_tested_vllm, shutdown, to_wire,
+                                 use_v1_runner)
 
 if TYPE_CHECKING:
     import torch
@@ -64,38 +66,6 @@ def untie(tensors: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tenso
     return tensors
 
 
-def to_wire(a: np.ndarray) -> tuple[str, list[int], bytes]:
-    """Array -> (dtype, shape, bytes) for a collective_rpc reply: vLLM's RPC encoder turns
-    ndarrays into an internal form that the caller does not decode back."""
-    a = np.ascontiguousarray(a)
-    return a.dtype.str, list(a.shape), a.tobytes()
-
-
-def from_wire(obj: Any) -> np.ndarray:
-    dtype, shape, data = obj
-    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape).copy()
-
-
-def merge_replies(replies: list[dict[str, Any]]) -> dict[str, Any]:
-    """One dict from the per-worker replies of collective_rpc (with tensor parallelism only
-    the rank holding the gathered logits records anything)."""
-    merged: dict[str, Any] = {}
-    for reply in replies:
-        for key, value in reply.items():
-            merged.setdefault(key, value)
-    return merged
-
-
-def checkpoint_dtype(path: str) -> str:
-    """The checkpoint's own dtype: vLLM's "auto" would downcast float32 to bfloat16, which
-    moved behaviour log-probs up to 8e-2 away from a float32 learner's (test models)."""
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(path)
-    dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
-    return str(dtype).removeprefix("torch.") if dtype is not None else "auto"
-
-
 def refresh_tied_head(model: torch.nn.Module) -> None:
     """A tied LM head receives no weights of its own, so vLLM's layer-wise reload keeps its
     old processed form (on CPU a packed GEMM copy of the old embedding): rebuild it."""
@@ -103,18 +73,6 @@ def refresh_tied_head(model: torch.nn.Module) -> None:
     method = getattr(head, "quant_method", None)
     if hasattr(method, "process_weights_after_loading"):
         method.process_weights_after_loading(head)
-
-
-def shutdown(llm: Any) -> None:
-    """Stop an engine's processes now rather than at interpreter exit."""
-    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-    if core is not None:
-        core.shutdown()
-
-
-def use_v1_runner() -> None:
-    """The worker hooks target the V1 model runner; engine processes inherit this env."""
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
 
 
 class RolloutWorkerExtension:
@@ -251,6 +209,7 @@ class VLLMRollout:
         self.eos_id, self.pad_id = int(tok.eos_token_id), int(tok.pad_token_id)
         self.s, self.seed, self.device = settings, seed, device
         self.raw = settings.temperature == 1.0 and settings.top_p >= 1.0
+        require_tested_vllm()
         use_v1_runner()
         kwargs: dict[str, Any] = dict(
             model=path, seed=seed, dtype=checkpoint_dtype(path),

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from services.rollout.vllm_backend import (
-    checkpoint_dtype, from_wire, merge_replies, shutdown, to_wire, use_v1_runner)
+from shared.vllm_engine import (checkpoint_dtype, from_wire, merge_replies, require_tested_vllm, shutdown, to_wire,
+                                 use_v1_runner)
 
 if TYPE_CHECKING:
     import torch
@@ -164,6 +164,7 @@ class VLLMTeacher:
 
         path = resolve_model(settings.model)
         self.s, self.device = settings, device
+        require_tested_vllm()
         use_v1_runner()
         kwargs: dict[str, Any] = dict(
             model=path, seed=settings.seed, dtype=checkpoint_dtype(path),
