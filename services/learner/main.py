@@ -7,7 +7,7 @@ and publishes each new weight version (see services/learner/worker.py).
 from __future__ import annotations
 
 from services.learner.settings import LearnerSettings
-from shared.service import run_service
+from shared.service import exit_process, run_service
 from shared.settings import parse
 
 
@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     from services.learner.worker import LearnerWorker
 
     run_service("learner", settings, lambda ctx: LearnerWorker(ctx, settings))
+    exit_process(0)  # a clean stop: skip native teardown (see exit_process)
 
 
 if __name__ == "__main__":

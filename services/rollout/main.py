@@ -7,7 +7,7 @@ and writes Trajectory messages (see services/rollout/worker.py).
 from __future__ import annotations
 
 from services.rollout.settings import RolloutSettings
-from shared.service import run_service
+from shared.service import exit_process, run_service
 from shared.settings import parse
 
 
@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     from services.rollout.worker import RolloutWorker
 
     run_service("rollout", settings, lambda ctx: RolloutWorker(ctx, settings))
+    exit_process(0)  # a clean stop: skip native teardown (see exit_process)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ class RolloutWorker:
                 with self.consumer.lease([e.id for e in entries], alive=self.ctx.heartbeat.healthy):
                     self._process(entries)
         self.consumer.close()
+        getattr(self.backend, "close", lambda: None)()  # a vLLM engine's processes stop with us
 
     def _next_batch(self, stop: threading.Event) -> list[Entry]:
         """Reclaimed prompts first; else newly admitted ones (admission released if unused)."""

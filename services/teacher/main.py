@@ -7,7 +7,7 @@ messages (see services/teacher/worker.py).
 from __future__ import annotations
 
 from services.teacher.settings import TeacherSettings
-from shared.service import run_service
+from shared.service import exit_process, run_service
 from shared.settings import parse
 
 
@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     from services.teacher.worker import TeacherWorker
 
     run_service("teacher", settings, lambda ctx: TeacherWorker(ctx, settings))
+    exit_process(0)  # a clean stop: skip native teardown (see exit_process)
 
 
 if __name__ == "__main__":

@@ -90,10 +90,38 @@ class TeacherWorkerExtension:
     def _opd_score_step(self, hidden_states: torch.Tensor,
                         num_scheduled_tokens: dict[str, int]) -> None:
         """Same bookkeeping as the runner: this step computed positions [start, start + n)
-        of each request; row r predicts token r + 1, completion token t is row P - 1 + t."""
+        of each request; row r predicts token r + 1, completion token t is row P - 1 + t.
+        The whole step is scored at once: one logits computation over every staged row,
+        top-k, gathers and draws on the device, one transfer back (floats, then ints)."""
         import torch
 
+        segments, rows, targets = self._opd_rows(num_scheduled_tokens)
+        if not segments:
+            return
+        idx = torch.from_numpy(np.concatenate(rows)).to(hidden_states.device)
+        logits = self.model_runner.model.compute_logits(hidden_states[idx])
+        if logits is None:  # a tensor-parallel rank that does not hold the gathered logits
+            return
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        k = max(job["topk_ids"].shape[1] for job, _, _ in segments)
+        d = max(0 if job["draw_ids"] is None else job["draw_ids"].shape[1] for job, _, _ in segments)
+        top_lp, top_ids = lp.topk(k, dim=-1)
+        sampled = lp.gather(-1, torch.from_numpy(np.concatenate(targets)).to(lp.device)[:, None])
+        mc_lp = self._opd_gather_mc(lp, segments)
+        floats, ints = [top_lp, sampled, mc_lp], [top_ids]
+        if d:
+            if self._opd_gen is None or self._opd_gen.device != lp.device:
+                self._opd_gen = torch.Generator(device=lp.device).manual_seed(self._opd_seed)
+            draws = torch.multinomial(lp.exp(), d, replacement=True, generator=self._opd_gen)
+            floats.append(lp.gather(-1, draws))
+            ints.append(draws)
+        self._opd_split(segments, torch.cat(floats, 1).cpu().numpy(), torch.cat(ints, 1).cpu().numpy(), k, d)
+
+    def _opd_rows(self, num_scheduled_tokens: dict[str, int]) -> tuple[list, list[np.ndarray], list[np.ndarray]]:
+        """(job, first completion row, rows) per staged request in this step, the hidden-state
+        rows to score and their target tokens."""
         runner = self.model_runner
+        segments, rows, targets = [], [], []
         for req_id in list(runner.num_prompt_logprobs):
             state, n = runner.requests.get(req_id), num_scheduled_tokens.get(req_id)
             params = getattr(state, "sampling_params", None)
@@ -106,34 +134,44 @@ class TeacherWorkerExtension:
             if lo >= hi:
                 continue
             base = int(runner.query_start_loc.np[runner.input_batch.req_id_to_index[req_id]]) - start
-            logits = runner.model.compute_logits(hidden_states[base + lo: base + hi])
-            if logits is None:  # a tensor-parallel rank that does not hold the gathered logits
-                continue
-            targets = torch.tensor(state.prompt_token_ids[lo + 1: hi + 1], device=logits.device)
-            self._opd_fill(job, lo - first, torch.log_softmax(logits.float(), dim=-1), targets)
+            segments.append((job, lo - first, hi - lo))
+            rows.append(np.arange(base + lo, base + hi))
+            targets.append(np.asarray(state.prompt_token_ids[lo + 1: hi + 1], np.int64))
+        return segments, rows, targets
 
-    def _opd_fill(self, job: dict[str, Any], t0: int, lp: torch.Tensor, targets: torch.Tensor) -> None:
-        """Write rows t0.. of a job from the log-probs [rows, V] (as scorer.py does)."""
+    @staticmethod
+    def _opd_gather_mc(lp: torch.Tensor, segments: list) -> torch.Tensor:
+        """log p of every row's MC ids in one gather ([rows, N]; rows of jobs without MC read id 0)."""
         import torch
 
-        t1 = t0 + lp.shape[0]
-        k = job["topk_ids"].shape[1]
-        top_lp, top_ids = lp.topk(k, dim=-1)
-        job["topk_ids"][t0:t1] = top_ids.cpu().numpy()
-        job["topk_logprobs"][t0:t1] = top_lp.cpu().numpy()
-        job["tail_mass"][t0:t1] = (1.0 - top_lp.exp().sum(-1)).clamp(0.0, 1.0).cpu().numpy()
-        job["sampled"][t0:t1] = lp.gather(-1, targets[:, None])[:, 0].cpu().numpy()
-        if job["mc"] is not None:
-            ids = torch.from_numpy(job["mc_ids"][t0:t1].astype(np.int64)).to(lp.device)
-            job["mc"][t0:t1] = lp.gather(-1, ids).cpu().numpy()
-        if job["draw_ids"] is not None:
-            if self._opd_gen is None or self._opd_gen.device != lp.device:
-                self._opd_gen = torch.Generator(device=lp.device).manual_seed(self._opd_seed)
-            draws = torch.multinomial(lp.exp(), job["draw_ids"].shape[1], replacement=True,
-                                      generator=self._opd_gen)
-            job["draw_ids"][t0:t1] = draws.cpu().numpy()
-            job["draw_logprobs"][t0:t1] = lp.gather(-1, draws).cpu().numpy()
-        job["filled"] += t1 - t0
+        width = max((job["mc_ids"].shape[1] for job, _, _ in segments if job["mc_ids"] is not None), default=0)
+        ids = np.zeros((lp.shape[0], width), np.int64)
+        row = 0
+        for job, t0, n in segments:
+            if job["mc_ids"] is not None:
+                ids[row:row + n, :job["mc_ids"].shape[1]] = job["mc_ids"][t0:t0 + n]
+            row += n
+        return lp.gather(-1, torch.from_numpy(ids).to(lp.device))
+
+    @staticmethod
+    def _opd_split(segments: list, floats: np.ndarray, ints: np.ndarray, k: int, d: int) -> None:
+        """Write the step's results into each job's rows (as scorer.py fills them)."""
+        width = floats.shape[1] - k - 1 - d  # columns: top-k, sampled, MC, draws
+        row = 0
+        for job, t0, n in segments:
+            f, i, t1 = floats[row:row + n], ints[row:row + n], t0 + n
+            kj = job["topk_ids"].shape[1]
+            job["topk_logprobs"][t0:t1], job["topk_ids"][t0:t1] = f[:, :kj], i[:, :kj]
+            job["tail_mass"][t0:t1] = np.clip(1.0 - np.exp(f[:, :kj], dtype=np.float64).sum(-1), 0.0, 1.0)
+            job["sampled"][t0:t1] = f[:, k]
+            if job["mc"] is not None:
+                job["mc"][t0:t1] = f[:, k + 1:k + 1 + job["mc"].shape[1]]
+            if job["draw_ids"] is not None:
+                dj = job["draw_ids"].shape[1]
+                job["draw_logprobs"][t0:t1] = f[:, k + 1 + width:k + 1 + width + dj]
+                job["draw_ids"][t0:t1] = i[:, k:k + dj]
+            job["filled"] += n
+            row += n
 
     def opd_take(self, tags: list[str]) -> dict[str, dict[str, Any]]:
         """Hand over (and forget) finished jobs; a job with only some rows scored is an error

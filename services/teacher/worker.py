@@ -64,6 +64,7 @@ class TeacherWorker:
                 with self.consumer.lease(d.ids, alive=self.ctx.heartbeat.healthy):  # a slow batch keeps them
                     self._score(d.messages, d.ids, {e.id: e.payload for e in entries})
         self.consumer.close()
+        getattr(self.backend, "close", lambda: None)()  # a vLLM engine's processes stop with us
 
     def _score(self, trajs: list[Trajectory], ids: list[bytes], payload: dict[bytes, bytes]) -> None:
         self.ctx.heartbeat.beat("scoring")
