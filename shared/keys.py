@@ -72,6 +72,11 @@ class Keys:
         return self._k("record")
 
     @property
+    def rollout_seq(self) -> str:
+        """Key: rollout replicas started so far (INCR): spreads them over their visible GPUs."""
+        return self._k("rollout_seq")
+
+    @property
     def limits(self) -> str:
         """Hash: batch_size and max_staleness, written by the learner, read by admission."""
         return self._k("limits")
@@ -95,7 +100,7 @@ class Keys:
         return [
             self.prompts, self.trajectories, self.scored, self.dead,
             self.weights, self.versions, self.version, self.admitted, self.admission_tokens, self.record,
-            self.limits, self.replicas, self.produced, self.stats,
+            self.limits, self.replicas, self.produced, self.stats, self.rollout_seq,
         ]
 
 

@@ -20,7 +20,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import redis
 
 from shared.monitoring import Heartbeat, ServiceMetrics, serve
-from shared.settings import ServiceSettings
+from shared.settings import ServiceSettings, resolve_device
 from shared.keys import Keys
 from shared.streams import (DeadLetters, Entry, RedisFatal, StreamConsumer, connect, ping, probe_client,
                             wait_for_redis)
@@ -105,6 +105,10 @@ def run_service(name: str, settings: ServiceSettings, build: Callable[[Context],
         import torch
 
         torch.set_num_threads(settings.torch_threads)
+    if settings.gpu_memory_fraction > 0 and resolve_device(settings.device).startswith("cuda"):
+        import torch
+
+        torch.cuda.set_per_process_memory_fraction(settings.gpu_memory_fraction, resolve_device(settings.device))
     try:
         wait_for_redis(settings.redis_url, timeout_s=60)
     except RedisFatal as e:  # one clear line, no traceback, no minutes of retries

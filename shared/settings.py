@@ -71,6 +71,9 @@ class ServiceSettings(BaseSettings):
     """Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1..."""
     torch_threads: int = 0
     """CPU threads for torch (0: torch's default)."""
+    gpu_memory_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Cap on this process's CUDA memory as a fraction of its GPU (torch's caching allocator;
+    0: no cap), so services sharing one GPU fit; vLLM engines use gpu_memory_utilization."""
 
 
 class ScoringSettings(ServiceSettings):

