@@ -43,6 +43,9 @@ class Heartbeat:
         return self.error is None and self.redis_error is None and self.age() < self.max_age_s
 
 
+ERROR_KINDS = ("invalid_message", "processing_failed", "poison_message", "weights_missing")
+
+
 class ServiceMetrics:
     """Metrics every service exports, under one naming scheme (`opd_*`, label `service`)."""
 
@@ -56,6 +59,8 @@ class ServiceMetrics:
                               list(labels), registry=r).labels(**labels)
         self.errors = Counter("opd_errors_total", "Errors by kind (invalid_message, retry, ...)",
                               [*labels, "kind"], registry=r)
+        for kind in ERROR_KINDS:  # exported as 0 before the first one, so panels show 0, not "No data"
+            self.errors.labels(**labels, kind=kind)
         self.queue_depth = Gauge("opd_queue_depth", "Backlog of a Redis stream",
                                  [*labels, "stream"], registry=r)
         self.weight_version = Gauge("opd_weight_version", "Weight version held by this process",

@@ -40,3 +40,24 @@ def test_lineage_names_the_restore_that_discarded_a_version():
     assert lineage.discarded_by(0, 12) == (1, 10)  # the first restore, not the latest one
     assert lineage.discarded_by(1, 16) == (2, 15) and lineage.discarded_by(1, 15) is None
     assert lineage.discarded_by(2, 40) is None
+
+
+def test_staleness_buckets_give_exact_integer_quantiles():
+    """Prometheus' histogram_quantile interpolates linearly inside the bucket the rank falls in;
+    with bounds at k + 0.5 the rounded result is the true integer quantile."""
+    import math
+
+    from services.learner.staleness import STALENESS_BUCKETS
+
+    def prometheus_quantile(q, values):
+        bounds = list(STALENESS_BUCKETS) + [math.inf]
+        counts = [sum(v <= b for v in values) for b in bounds]  # cumulative, like _bucket{le}
+        rank = q * counts[-1]
+        i = next(j for j, c in enumerate(counts) if c >= rank)
+        lo, below = (0.0, 0) if i == 0 else (bounds[i - 1], counts[i - 1])
+        return lo + (bounds[i] - lo) * (rank - below) / (counts[i] - below)
+
+    for values in ([4] * 97 + [3] * 3, [0] * 10 + [1] * 5 + [4] * 85, [2, 3, 3, 5, 6, 6, 6]):
+        for q in (0.05, 0.5, 0.95):
+            true = sorted(values)[max(0, math.ceil(q * len(values)) - 1)]
+            assert round(prometheus_quantile(q, values)) == true, (values, q)

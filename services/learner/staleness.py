@@ -18,6 +18,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 
+# opd_staleness histogram bounds at k + 0.5: each integer staleness up to 6 has its own bucket,
+# so round(histogram_quantile(q, ...)) is the exact integer quantile (Prometheus interpolates
+# linearly inside a bucket: with integer bounds, 97% at staleness 4 read as a median of 3.5)
+STALENESS_BUCKETS = (0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 8.5, 12.5, 16.5, 32.5)
+
+
 @dataclass
 class Lineage:
     """epoch -> the version it started from (epoch 0 starts at 0); checkpointed."""

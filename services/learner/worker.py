@@ -27,7 +27,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.learner import checkpoint
 from services.learner.settings import LearnerSettings
-from services.learner.staleness import Lineage, StalenessTracker
+from services.learner.staleness import STALENESS_BUCKETS, Lineage, StalenessTracker
 from shared.admission import Admission, release_poison, set_limits
 from shared.run_record import read as read_record
 from shared.service import Context, dead_letter, decode_batch, isolate
@@ -49,10 +49,12 @@ class LearnerMetrics:
     def __init__(self, ctx: Context) -> None:
         r, lab = ctx.metrics.registry, {"service": "learner", "replica": ctx.settings.replica}
         self.staleness = Histogram("opd_staleness", "Staleness of trained trajectories (steps)",
-                                   list(lab), registry=r, buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
+                                   list(lab), registry=r, buckets=STALENESS_BUCKETS
                                    ).labels(**lab)
         self.dropped = Counter("opd_dropped_total", "Trajectories dropped by the learner",
                                [*lab, "reason"], registry=r)
+        for reason in ("stale", "foreign", "duplicate", "abandoned"):  # exported as 0 from the start
+            self.dropped.labels(**lab, reason=reason)
         self.loss = Gauge("opd_loss", "Last step's loss terms and KL diagnostics",
                           [*lab, "term"], registry=r)
         self.steps = Counter("opd_learner_steps_total", "Optimizer steps", list(lab),
