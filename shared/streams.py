@@ -33,7 +33,8 @@ MOVE_CHUNK = 1000  # ids per hand-off script call
 log = logging.getLogger("opd.streams")
 
 
-# KEYS: downstream stream, source stream, produced-counts hash. ARGV: group, consumer, E entries, F values per
+# KEYS: downstream stream, source stream, produced-counts hash, this call's result key (a
+# retry after a lost reply gets the first answer instead of "0 owned"). ARGV: group, consumer, E entries, F values per
 # entry, maxlen of the downstream stream (0: none; the dead-letter stream is capped, work
 # streams never are), E*F field/value items, then the source ids (E of them, paired with
 # the entries, or any number when E = 0). An id is handled only while it is still pending for this
@@ -42,6 +43,8 @@ log = logging.getLogger("opd.streams")
 # script before any ack (unlike MULTI/EXEC, which would ack after a failed XADD, e.g. OOM).
 # The produced-counts hash counts, per downstream stream, every entry ever handed off.
 _MOVE = """
+local seen = redis.call('GET', KEYS[4])
+if seen then return tonumber(seen) end
 local e, f, maxlen = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local first = 6 + e * f
 local owned = {}
@@ -64,6 +67,7 @@ if #owned > 0 then
   redis.call('XACK', KEYS[2], ARGV[1], unpack(owned))
   redis.call('XDEL', KEYS[2], unpack(owned))
 end
+redis.call('SET', KEYS[4], #owned, 'EX', 600)
 return #owned
 """
 
@@ -113,6 +117,8 @@ def connect(url: str) -> redis.Redis:
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         health_check_interval=30,
         socket_connect_timeout=5,
+        socket_timeout=60,  # above every blocking read here (<= 3 s): a half-open connection errors and is retried
+        socket_keepalive=True,
     )
 
 
@@ -234,6 +240,7 @@ class StreamConsumer:
         pending list with a cursor. Ids are claimed first without payloads (JUSTID), so entries
         we hold ourselves are neither re-downloaded nor counted as redelivered; an entry already
         delivered max_deliveries times (it keeps killing its consumers) is dead-lettered."""
+        taking_over = self._min_idle_ms is not None  # a restarted sole consumer: not a redelivery
         idle = self.reclaim_idle_ms if self._min_idle_ms is None else self._min_idle_ms
         cursor, ids, *rest = self._grouped(
             self._autoclaim_script, keys=[self.stream],
@@ -255,7 +262,13 @@ class StreamConsumer:
         for i in poison:
             for entry in _entries(self.client.xrange(self.stream, i, i)):
                 self._dead_letter_poison(entry, delivered[i])
-        entries = _entries(self.client.xclaim(self.stream, self.group, self.consumer, 0, healthy)) if healthy else []
+        if taking_over:  # ours already (JUSTID): read the payloads without counting a delivery
+            pipe = self.client.pipeline(transaction=False)
+            for i in healthy:
+                pipe.xrange(self.stream, i, i)
+            entries = _entries([e for found in pipe.execute() for e in found]) if healthy else []
+        else:
+            entries = _entries(self.client.xclaim(self.stream, self.group, self.consumer, 0, healthy)) if healthy else []
         gone = set(healthy) - {e.id for e in entries}  # deleted while pending (Redis 6.2 still lists them)
         if gone:
             self.client.xack(self.stream, self.group, *gone)
@@ -283,7 +296,9 @@ class StreamConsumer:
         done = threading.Event()
 
         def renew() -> None:
-            while not done.wait(every) and alive():
+            while not done.wait(every):
+                if not alive():  # hung (or Redis away): skip, renew again once healthy
+                    continue
                 try:
                     self.renew(list(ids))
                 except redis.RedisError:  # best effort: the next renewal, or a reclaim, follows
@@ -322,12 +337,18 @@ class StreamConsumer:
             raise ValueError("hand-off needs exactly one output per input id")
         owned = 0
         for start in range(0, len(ids), MOVE_CHUNK):  # Lua's unpack() takes ~8k values at most
+            result = f"{self.stream}:moved:{uuid.uuid4().hex}"  # a retried call returns the first answer
             part = entries[start:start + MOVE_CHUNK]
             width = len(part[0]) if part else 0
             flat = [x for fields in part for x in fields]
-            owned += self._move_script(
-                keys=[stream or self.stream, self.stream, _produced_key(self.stream)],
-                args=[self.group, self.consumer, len(part), width, maxlen, *flat, *ids[start:start + MOVE_CHUNK]])
+            try:
+                owned += self._move_script(
+                    keys=[stream or self.stream, self.stream, _produced_key(self.stream), result],
+                    args=[self.group, self.consumer, len(part), width, maxlen, *flat, *ids[start:start + MOVE_CHUNK]])
+            except redis.ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
+                log.warning("%s: the stream was reset (%s): nothing of ours is pending any more", self.stream, e)
         self.held.difference_update(ids)
         if owned < len(ids):
             log.warning("%s: %d of %d entries were reclaimed by another consumer; their results "

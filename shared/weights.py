@@ -65,9 +65,13 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     _fsync_dir(tmp)
-    shutil.rmtree(final, ignore_errors=True)
+    old = final.with_name(final.name + ".old")
+    if final.exists():  # set the old one aside, never delete it before the new one is in place
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -343,3 +343,30 @@ def test_a_resumed_feeder_does_not_feed_prompts_twice(client, keys):
     texts = [tok.decode(decode(f[b"m"], Prompt).prompt_ids_P) for _, f in client.xrange(keys.prompts)]
     want = [tok.decode(tok(p.prompt)["input_ids"]) for p in itertools.islice(builtin_problems(0), 48)]
     assert texts == want  # problems 0..47 once each, in order: none fed twice, none skipped
+
+
+def test_a_restarted_learner_taking_over_does_not_count_deliveries(client, keys):
+    """Learner restarts must not push healthy pending entries toward the poison cap."""
+    produce(client, keys.scored, [b"a", b"b"])
+    first = StreamConsumer(client, keys.scored, "learner", "l0", max_deliveries=2)
+    assert len(first.read(2, block_ms=100)) == 2
+    for n in range(1, 5):  # four restarts, each taking over its predecessor's pending entries
+        again = StreamConsumer(client, keys.scored, "learner", f"l{n}", max_deliveries=2)
+        again.take_over_pending()
+        assert sorted(e.payload for e in again.reclaim(10)) == [b"a", b"b"]
+    assert client.xlen(keys.dead) == 0
+    counts = [p["times_delivered"] for p in client.xpending_range(keys.scored, "learner", "-", "+", 10)]
+    assert counts == [1, 1]
+
+
+def test_a_lost_hand_off_reply_still_reports_the_entries_handed_off(client, keys, lossy):
+    """The script ran, its reply was lost, the retry must not answer "0 owned": callers act on it."""
+    from shared.streams import Entry, connect
+
+    via = connect(lossy.url())
+    produce(client, keys.trajectories, [b"bad"])
+    c = StreamConsumer(via, keys.trajectories, "teacher", "t0")
+    (entry,) = c.read(1, block_ms=100)
+    lossy.arm(b":moved:")
+    assert c.dead_letter(keys.dead, Entry(entry.id, entry.payload), "bad input") is True
+    assert lossy.dropped == 1 and client.xlen(keys.dead) == 1 and c.pending() == 0

@@ -1,6 +1,8 @@
 """Learner checkpoints: weights, AdamW state, version and the trajectory ids consumed so far.
 
-Layout `<dir>/step-000123/`: `model.safetensors`, `optimizer.safetensors` (every tensor of
+Layout `<dir>/step-000123/` (`step-000123.e1` when a restored learner's epoch 1 checkpoints
+version 123 again: a checkpoint is never overwritten, so a crash while saving one always
+leaves the previous one whole): `model.safetensors`, `optimizer.safetensors` (every tensor of
 the optimizer state, keyed `<param index>.<name>`), `state.json` (version, consumed
 trajectory ids, counters, optimizer hyper-parameters). Written to `.tmp` and renamed, so a
 crash never leaves a half checkpoint; no pickle anywhere. The learner acks scored
@@ -11,6 +13,7 @@ what the checkpoint consumed is skipped, what it did not is reclaimed and traine
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,13 +24,13 @@ PREFIX = "step-"
 
 
 def save(root: str | Path, version: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         state: dict[str, Any], keep: int = 2) -> Path:
+         state: dict[str, Any], keep: int = 2, epoch: int = 0) -> Path:
     """Write a checkpoint atomically and prune all but the newest `keep`."""
     from safetensors.torch import save_file, save_model
 
     from shared.weights import atomic_dir
 
-    final = Path(root) / f"{PREFIX}{version:06d}"
+    final = Path(root) / (f"{PREFIX}{version:06d}" + (f".e{epoch}" if epoch else ""))
     with atomic_dir(final) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         tensors, scalars = _flatten(optimizer.state_dict())
@@ -38,10 +41,13 @@ def save(root: str | Path, version: int, model: torch.nn.Module, optimizer: torc
     return final
 
 
+_NAME = re.compile(rf"^{PREFIX}(\d+)(?:\.e(\d+))?$")
+
+
 def _complete(root: str | Path) -> list[Path]:
-    """Finished checkpoints, oldest first."""
-    done = [p for p in Path(root).glob(f"{PREFIX}[0-9]*") if p.name[len(PREFIX):].isdigit()]
-    return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
+    """Finished checkpoints, oldest first by (version, epoch) (`.tmp` ones are not finished)."""
+    done = [(m, p) for p in Path(root).glob(f"{PREFIX}[0-9]*") if (m := _NAME.match(p.name))]
+    return [p for m, p in sorted(done, key=lambda mp: (int(mp[0].group(1)), int(mp[0].group(2) or 0)))]
 
 
 def latest(root: str | Path) -> Path | None:

@@ -173,7 +173,6 @@ class LearnerWorker:
                                           on_poison=release_poison(self.admission, ScoredTrajectory))
         if ckpt is not None:
             self._restore(ckpt)
-        self._publish()
         problems = file_problems(self.s.prompts_file) if self.s.prompts_file else builtin_problems(self.s.seed)
         # resume the prompt order after the last prompt fed (Redis counts it with each XADD, so
         # prompts fed after the checkpoint, still in the stream, are not fed twice)
@@ -181,9 +180,10 @@ class LearnerWorker:
         self.feeder = PromptFeeder(ctx.client, keys.prompts, self.tokenizer,
                                    itertools.islice(problems, fed, None), self.s.prompt_backlog,
                                    lambda: self.version, fed=fed)
-        # a new run's version 0, or a restore's new epoch: recorded before anything is trained, so a
-        # restart from here on resumes (never starts over) and never reuses an epoch number
+        # a new run's version 0, or a restore's new epoch: checkpointed before it is published or
+        # trained, so a restart from here on resumes (never starts over) and never reuses an epoch
         self._checkpoint()
+        self._publish()
         return self.feeder.start()
 
     def _collect(self, batch: list[ScoredTrajectory], ids: list[bytes]) -> None:
@@ -201,8 +201,11 @@ class LearnerWorker:
                 self.stats["duplicates"] += 1
                 self.lm.dropped.labels(**self.lm.lab, reason="duplicate").inc()
                 self.consumer.ack([entry_id])
-            elif msg.trajectory.weight_epoch <= self.lineage.epoch and not self.lineage.current(
-                    msg.trajectory.weight_epoch, msg.weight_version):
+            elif msg.trajectory.weight_epoch > self.lineage.epoch:  # not this learner's lineage
+                self.lm.dropped.labels(**self.lm.lab, reason="foreign").inc()
+                self._drop(msg, Entry(entry_id, payloads[entry_id]), f"dropped: foreign, epoch "
+                           f"{msg.trajectory.weight_epoch} is newer than this learner's {self.lineage.epoch}")
+            elif not self.lineage.current(msg.trajectory.weight_epoch, msg.weight_version):
                 self._abandon(msg, Entry(entry_id, payloads[entry_id]))
             elif self.tracker.admit(self.version, msg.weight_version):
                 batch.append(msg)
@@ -210,8 +213,7 @@ class LearnerWorker:
                 in_batch.add(traj_id)
                 self.payloads[entry_id] = payloads[entry_id]
             else:  # recorded in the dead-letter stream, so every trajectory is accounted for
-                foreign = msg.weight_version > self.version or msg.trajectory.weight_epoch > self.lineage.epoch
-                reason = "foreign" if foreign else "stale"
+                reason = "foreign" if msg.weight_version > self.version else "stale"
                 self.lm.dropped.labels(**self.lm.lab, reason=reason).inc()
                 self._drop(msg, Entry(entry_id, payloads[entry_id]), f"dropped: {reason}, staleness "
                            f"{self.version - msg.weight_version} (max {self.s.max_staleness})")
@@ -367,7 +369,8 @@ class LearnerWorker:
                  "tracker": {"trained": dict(self.tracker.trained), "dropped_stale": self.tracker.dropped_stale,
                              "dropped_foreign": self.tracker.dropped_foreign}}
         with self.ctx.metrics.timed("checkpoint"):
-            checkpoint.save(self.checkpoint_dir, self.version, self.model, self.trainer.optimizer, state)
+            checkpoint.save(self.checkpoint_dir, self.version, self.model, self.trainer.optimizer, state,
+                            epoch=self.lineage.epoch)
         assert self.consumer is not None
         self.consumer.ack(self.unacked)
         self.admission.consume(self.unacked_tokens)

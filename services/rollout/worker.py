@@ -102,8 +102,11 @@ class RolloutWorker:
             self.ctx.heartbeat.beat("staleness-bound")
             self.cursor = wait_for_new_version(self.ctx.client, self.ctx.keys, self.cursor, timeout_s=0.5)
             return []
-        entries = self.consumer.read_new(granted, block_ms=500)
-        self.admission.release(granted - len(entries))
+        entries: list[Entry] = []
+        try:
+            entries = self.consumer.read_new(granted, block_ms=500)
+        finally:  # the unused part of the grant, also when the read fails
+            self.admission.release(granted - len(entries))
         return entries
 
     def _release_poison(self, entry: Entry) -> None:
