@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -141,9 +143,12 @@ def main(argv: list[str] | None = None) -> None:
     server = EmbeddedRedis(port=port, data_dir=args.dir, password=args.password, persist=args.dir is not None)
     server.start()
     print(server.url, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stop request: leave through finally
     try:
         server.proc.wait()
     except KeyboardInterrupt:
+        pass
+    finally:  # never leave the server running without us
         server.close()
 
 

@@ -244,6 +244,10 @@ def test_opd_redis_takes_port_password_and_persistence_dir(tmp_path: Path):
     finally:
         proc.terminate()
         proc.wait(10)
+    import socket
+
+    with socket.socket() as probe:  # SIGTERM stopped the server too, not only the wrapper
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
     help_text = subprocess.run([sys.executable, "-m", "services.cli", "redis", "--help"], capture_output=True,
                                text=True, timeout=30)
     assert help_text.returncode == 0 and "--password" in help_text.stdout  # and no server was started
