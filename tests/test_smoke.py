@@ -47,7 +47,7 @@ def test_services_train_for_a_few_steps(tmp_path: Path, redis_server, client):
     try:
         launcher.start("learner", "learner", {**common, "batch_size": 8, "max_steps": STEPS,
                        "max_staleness": 1, "output_dir": tmp_path / "student", "prompt_backlog": 64,
-                       "checkpoint_dir": tmp_path / "ckpt",
+                       "checkpoint_dir": tmp_path / "ckpt", "idle_when_done": True,
                        "http_port": ports["learner"]})
         launcher.start("teacher", "teacher", {**common, "batch_size": 8, "http_port": ports["teacher"]})
         launcher.start("rollout", "rollout", {**common, "batch_size": 4, "http_port": ports["rollout"]})
@@ -62,9 +62,12 @@ def test_services_train_for_a_few_steps(tmp_path: Path, redis_server, client):
         assert health.status_code == 200 and health.json()["weight_version"] >= 0
         assert "opd_items_total" in httpx.get(f"http://127.0.0.1:{ports['rollout']}/metrics", timeout=5).text
         learner = launcher.children[0]
-        wait_until(lambda: learner.proc.poll() is not None, 120, "the learner to finish", launcher)
-        assert learner.proc.returncode == 0, launcher.tail(learner)
+        wait_until(lambda: client.hget(keys.stats, "status") == b"finished", 120, "the learner to finish", launcher)
+        time.sleep(1.5)  # done, and still up: healthy and idle (a deployment keeps scaling)
+        health = httpx.get(f"http://127.0.0.1:{ports['learner']}/healthz", timeout=5)
+        assert learner.proc.poll() is None and health.status_code == 200 and health.json()["state"] == "finished"
         launcher.stop()
+        assert learner.proc.returncode == 0, launcher.tail(learner)
         assert not launcher.failed(), [launcher.tail(c) for c in launcher.failed()]
     finally:
         launcher.stop(grace_s=5)

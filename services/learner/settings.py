@@ -29,6 +29,9 @@ class LearnerSettings(ScoringSettings):
     """Bound on learner version - trajectory version; 0 = strict synchronous training."""
     max_steps: int = 200
     """Optimizer steps before the learner saves the final student and exits (0: run forever)."""
+    idle_when_done: bool = False
+    """After max_steps (student saved): stay up, healthy and idle until stopped, instead of
+    exiting: what a deployment wants (scaling, health checks and restarts keep working)."""
     losses: dict[str, float] = Field(default_factory=lambda: {"fkl_topk": 1.0})
     """Estimators and their weights, JSON, e.g. '{"fkl_topk": 1, "rkl_recompute": 1}'; names and formulas in docs/losses.md."""
     stabiliser: str = "none"

@@ -147,6 +147,10 @@ class LearnerWorker:
         finally:
             feeder.close()
         self._finish(completed=self._done())
+        if self._done() and self.s.idle_when_done:
+            log.info("max_steps reached: idle (and healthy) until stopped")
+            while not stop.wait(1.0):
+                self.ctx.heartbeat.beat("finished")
         self.consumer.close()
 
     def _done(self) -> bool:
