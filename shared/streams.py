@@ -259,20 +259,25 @@ class StreamConsumer:
         delivered = {i: (p[0]["times_delivered"] if p else 0) for i, p in zip(ids, pipe.execute())}
         poison = [i for i in ids if self.max_deliveries > 0 and delivered[i] >= self.max_deliveries]
         healthy = [i for i in ids if i not in poison]
-        for i in poison:
-            for entry in _entries(self.client.xrange(self.stream, i, i)):
-                self._dead_letter_poison(entry, delivered[i])
+        for entry in self._read(poison):
+            self._dead_letter_poison(entry, delivered[entry.id])
         if taking_over:  # ours already (JUSTID): read the payloads without counting a delivery
-            pipe = self.client.pipeline(transaction=False)
-            for i in healthy:
-                pipe.xrange(self.stream, i, i)
-            entries = _entries([e for found in pipe.execute() for e in found]) if healthy else []
+            entries = self._read(healthy)
         else:
             entries = _entries(self.client.xclaim(self.stream, self.group, self.consumer, 0, healthy)) if healthy else []
         gone = set(healthy) - {e.id for e in entries}  # deleted while pending (Redis 6.2 still lists them)
         if gone:
             self.client.xack(self.stream, self.group, *gone)
         return self._hold(entries)
+
+    def _read(self, ids: list[bytes]) -> list[Entry]:
+        """The entries of these ids (one round trip; deleted ones are missing), without claiming."""
+        if not ids:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for i in ids:
+            pipe.xrange(self.stream, i, i)
+        return _entries([e for found in pipe.execute() for e in found])
 
     def _dead_letter_poison(self, entry: Entry, delivered: int) -> None:
         reason = (f"delivered {delivered} times without being handed off (max_deliveries "

@@ -329,6 +329,11 @@ class ScoredTrajectory:
 TOPK_SLACK = 1e-3  # float32/bf16 rounding of normalised log-probs
 
 
+def tail_mass(topk_logprobs_TK: np.ndarray) -> np.ndarray:
+    """TeacherScores.tail_mass_T of a top-k: 1 - sum p, clamped to [0, 1] (summed in float64)."""
+    return np.clip(1.0 - np.exp(topk_logprobs_TK, dtype=np.float64).sum(-1), 0.0, 1.0).astype(np.float32)
+
+
 def _check_topk(s: TeacherScores, where: str) -> None:
     """A real top-k of a distribution: sorted descending, mass <= 1, and the tail mass is
     what the top-k leaves (1 - sum p, clamped to [0, 1]), each within TOPK_SLACK."""

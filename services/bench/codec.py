@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.wire import Prompt, ScoredTrajectory, TeacherScores, Trajectory, decode, encode
+from shared.wire import Prompt, ScoredTrajectory, TeacherScores, Trajectory, decode, encode, tail_mass
 
 
 def scored_batch(b: int, t: int, k: int, n: int = 1, prompt_len: int = 32, vocab: int = 32000) -> list[ScoredTrajectory]:
@@ -26,7 +26,7 @@ def scored_batch(b: int, t: int, k: int, n: int = 1, prompt_len: int = 32, vocab
                           comp, -rng.random(t).astype(np.float32), np.full(t, 3, np.int32), mc, mc_lp)
         probs = rng.dirichlet(np.ones(k + 1), t)[:, :k]  # a real top-k: sorted, mass <= 1, its tail
         lp = np.sort(np.log(probs), axis=1)[:, ::-1].astype(np.float32)
-        tail = (1 - np.exp(lp, dtype=np.float64).sum(1)).clip(0, 1).astype(np.float32)
+        tail = tail_mass(lp)
         scores = TeacherScores(rng.integers(0, vocab, (t, k)).astype(np.int32), lp, tail,
                                -rng.random(t).astype(np.float32),
                                None if mc is None else -rng.random((t, n)).astype(np.float32))

@@ -63,7 +63,7 @@ class Trainer:
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"learner dtype must be float32 or bfloat16, got {dtype!r}")
         self.model, self.grad_clip, self.objective, self.pad_id = model, grad_clip, objective, pad_id
-        self.lr, self.warmup_steps, self.steps = lr, warmup_steps, 0
+        self.lr, self.steps = lr, 0
         self.schedule = schedule or LrSchedule(warmup_steps=warmup_steps)
         self.chunk_tokens, self.max_tokens, self.dtype = chunk_tokens, max_tokens_per_microbatch, dtype
         self.device = next(model.parameters()).device
@@ -102,8 +102,7 @@ class Trainer:
     @torch.no_grad()
     def probe(self, batch: list[ScoredTrajectory]) -> list[float]:
         """The loss of these trajectories without training (finding messages that fail alone)."""
-        with self._autocast():
-            loss = float(objective(self.inputs(batch), self.objective).loss)
+        loss = float(objective(self.inputs(batch), self.objective).loss)
         return [loss] * len(batch)
 
     def plan(self, batch: list[ScoredTrajectory]) -> list[list[int]]:

@@ -28,7 +28,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.learner import checkpoint
 from services.learner.settings import LearnerSettings
 from services.learner.staleness import STALENESS_BUCKETS, Lineage, StalenessTracker
-from shared.admission import Admission, release_poison, set_limits
+from shared.admission import Admission, release_poison, set_limits, token_of
 from shared.run_record import read as read_record
 from shared.service import Context, dead_letter, decode_batch, isolate
 from shared.settings import resolve_device
@@ -196,7 +196,7 @@ class LearnerWorker:
         entries = self.consumer.read(self.s.batch_size - len(batch), block_ms=500)
         d = decode_batch(self.ctx, self.consumer, entries, ScoredTrajectory, self.check)
         self.stats["dead_letters"] += d.dead
-        self.admission.release_tokens([m.trajectory.prompt.prompt_id for m in d.invalid])
+        self.admission.release_tokens([token_of(m) for m in d.invalid])
         payloads = {e.id: e.payload for e in entries}
         in_batch = {m.trajectory.traj_id for m in batch}
         for msg, entry_id in zip(d.messages, d.ids):
@@ -226,7 +226,7 @@ class LearnerWorker:
         """Dead-letter a trajectory that will not be trained; its admission slot comes back."""
         if not self.consumer.dead_letter(self.ctx.keys.dead, entry, reason):
             return False
-        self.admission.release_tokens([msg.trajectory.prompt.prompt_id])
+        self.admission.release_tokens([token_of(msg)])
         return True
 
     def _abandon(self, msg: ScoredTrajectory, entry: Entry) -> None:
@@ -260,7 +260,7 @@ class LearnerWorker:
             self.lm.staleness.observe(self.tracker.record(self.version, msg.weight_version))
         self.consumed.update((m.trajectory.traj_id, self.version) for m in batch)
         self.unacked.extend(ids)
-        self.unacked_tokens.extend(m.trajectory.prompt.prompt_id for m in batch)
+        self.unacked_tokens.extend(token_of(m) for m in batch)
         self.payloads.clear()
         self.version += 1
         self._publish()
@@ -281,7 +281,7 @@ class LearnerWorker:
             entry = Entry(ids[i], self.payloads.pop(ids[i]))
             if dead_letter(self.ctx, self.consumer, entry, f"loss failed: {error!r}", kind="processing_failed"):
                 self.stats["dead_letters"] += 1
-                self.admission.release_tokens([batch[i].trajectory.prompt.prompt_id])
+                self.admission.release_tokens([token_of(batch[i])])
         failed = {i for i, _ in failures}
         return [i for i in range(len(batch)) if i not in failed]
 

@@ -18,7 +18,7 @@ import torch
 from shared.logprobs import score_positions
 from shared.microbatch import microbatches
 from shared.sequences import pack, pad_rows
-from shared.wire import TeacherScores, Trajectory
+from shared.wire import TeacherScores, Trajectory, tail_mass
 
 
 @torch.no_grad()
@@ -56,7 +56,7 @@ def _score_packed(model: torch.nn.Module, trajs: list[Trajectory], *, top_k: int
                         draws=draws, generator=generator)
     numpy = lambda x: x.float().cpu().numpy()  # noqa: E731
     top_lp, top_ids, ids_lp = numpy(p.topk_logprobs_NK), p.topk_ids_NK.cpu().numpy().astype(np.int32), numpy(p.ids_logprobs_NM)
-    tail = np.clip(1.0 - np.exp(top_lp, dtype=np.float64).sum(-1), 0.0, 1.0).astype(np.float32)
+    tail = tail_mass(top_lp)
     draw_ids = None if p.draw_ids_Nd is None else p.draw_ids_Nd.cpu().numpy().astype(np.int32)
     draw_lp = None if p.draw_logprobs_Nd is None else numpy(p.draw_logprobs_Nd)
     out, start = [], 0

@@ -33,6 +33,7 @@ import numpy as np
 
 from shared.vllm_engine import (checkpoint_dtype, from_wire, merge_replies, require_tested_vllm, shutdown, to_wire,
                                  use_v1_runner)
+from shared.wire import tail_mass
 
 if TYPE_CHECKING:
     import torch
@@ -162,7 +163,7 @@ class TeacherWorkerExtension:
             f, i, t1 = floats[row:row + n], ints[row:row + n], t0 + n
             kj = job["topk_ids"].shape[1]
             job["topk_logprobs"][t0:t1], job["topk_ids"][t0:t1] = f[:, :kj], i[:, :kj]
-            job["tail_mass"][t0:t1] = np.clip(1.0 - np.exp(f[:, :kj], dtype=np.float64).sum(-1), 0.0, 1.0)
+            job["tail_mass"][t0:t1] = tail_mass(f[:, :kj])
             job["sampled"][t0:t1] = f[:, k]
             if job["mc"] is not None:
                 job["mc"][t0:t1] = f[:, k + 1:k + 1 + job["mc"].shape[1]]

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from services.teacher.settings import TeacherSettings
-from shared.admission import Admission, release_poison
+from shared.admission import Admission, release_poison, token_of
 from shared.run_record import claim
 from shared.service import Context, dead_letter, decode_batch, isolate
 from shared.settings import resolve_device
@@ -59,7 +59,7 @@ class TeacherWorker:
                 break
             entries = self.consumer.read(self.s.batch_size, block_ms=500)
             d = decode_batch(self.ctx, self.consumer, entries, Trajectory, self.check)
-            self.admission.release_tokens([t.prompt.prompt_id for t in d.invalid])
+            self.admission.release_tokens([token_of(t) for t in d.invalid])
             if d.messages:
                 with self.consumer.lease(d.ids, alive=self.ctx.heartbeat.healthy):  # a slow batch keeps them
                     self._score(d.messages, d.ids, {e.id: e.payload for e in entries})
@@ -75,7 +75,7 @@ class TeacherWorker:
         for i, error in failures:
             if dead_letter(self.ctx, self.consumer, Entry(ids[i], payload[ids[i]]),
                            f"scoring failed: {error!r}", kind="processing_failed"):
-                self.admission.release_tokens([trajs[i].prompt.prompt_id])
+                self.admission.release_tokens([token_of(trajs[i])])
         done = [(i, ScoredTrajectory(t, s)) for i, t, s in zip(ids, trajs, scores) if s is not None]
         with self.ctx.metrics.timed("codec"):
             payloads = [encode(m) for _, m in done]
