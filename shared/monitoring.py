@@ -13,9 +13,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from shared.redis_stats import RedisStats
 
 
 class Heartbeat:
@@ -73,6 +76,17 @@ class ServiceMetrics:
                                 [*labels, "part"], registry=r)
         self.redis_up = Gauge("opd_redis_up", "1 while this replica's Redis probe gets answers, else 0",
                               list(labels), registry=r).labels(**labels)
+        self.progress_age = Gauge("opd_last_progress_age_seconds",
+                                  "Seconds since this replica's loop last made progress (its heartbeat)",
+                                  list(labels), registry=r).labels(**labels)
+        # Redis-side facts (shared/redis_stats.py), read by this replica's Redis probe
+        self.redis_memory = Gauge("opd_redis_memory_bytes", "Memory Redis uses (INFO used_memory)",
+                                  list(labels), registry=r).labels(**labels)
+        self.stream_length = Gauge("opd_stream_length", "Entries in a run stream (XLEN)",
+                                   [*labels, "stream"], registry=r)
+        self.stream_added = Gauge("opd_stream_entries_added",
+                                  "Entries ever added to a run stream (never decreases; rate() of it is the "
+                                  "stream's inflow, trimming included)", [*labels, "stream"], registry=r)
         self.batch_seconds = Histogram(
             "opd_batch_seconds", "Wall time of one compute batch", list(labels), registry=r,
             buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100)).labels(**labels)
@@ -98,6 +112,17 @@ class ServiceMetrics:
 
     def error(self, kind: str) -> None:
         self.errors.labels(**self._labels, kind=kind).inc()
+
+    def watch(self, heartbeat: Heartbeat) -> None:
+        """Export the heartbeat's age, read at scrape time."""
+        self.progress_age.set_function(heartbeat.age)
+
+    def redis(self, stats: RedisStats) -> None:
+        """Record one Redis probe's reading."""
+        self.redis_memory.set(stats.used_memory_bytes)
+        for stream, st in stats.streams.items():
+            self.stream_length.labels(**self._labels, stream=stream).set(st.length)
+            self.stream_added.labels(**self._labels, stream=stream).set(st.entries_added)
 
     def depth(self, stream: str, value: int) -> None:
         self.queue_depth.labels(**self._labels, stream=stream.rsplit(":", 1)[-1]).set(value)

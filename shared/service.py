@@ -22,6 +22,7 @@ import redis
 from shared.monitoring import Heartbeat, ServiceMetrics, serve
 from shared.settings import ServiceSettings, resolve_device
 from shared.keys import Keys
+from shared.redis_stats import read_redis_stats
 from shared.streams import (DeadLetters, Entry, RedisFatal, StreamConsumer, connect, ping, probe_client,
                             wait_for_redis)
 from shared.wire import Message, WireError, decode
@@ -44,6 +45,7 @@ class Context:
         self.client: redis.Redis = connect(settings.redis_url)
         self.metrics = ServiceMetrics(name, settings.replica)
         self.heartbeat = Heartbeat(settings.health_max_age_s)
+        self.metrics.watch(self.heartbeat)
         self._report_lock = threading.Lock()  # the loop and the report thread both report
 
     def consumer(self, stream: str, group: str,
@@ -78,8 +80,10 @@ def _report_loop(ctx: Context, worker: Worker, stop: threading.Event, every_s: f
 
 
 def _redis_probe(ctx: Context, stop: threading.Event, every_s: float = 2.0) -> None:
-    """Redis reachability in /healthz and opd_redis_up, also while the loop is stuck retrying."""
+    """Redis reachability in /healthz and opd_redis_up, also while the loop is stuck retrying;
+    Redis memory and the run streams' lengths for the dashboard."""
     client = probe_client(ctx.settings.redis_url)
+    warned = False
     while not stop.wait(every_s):
         try:
             ping(client)
@@ -88,6 +92,13 @@ def _redis_probe(ctx: Context, stop: threading.Event, every_s: float = 2.0) -> N
         except (redis.RedisError, RedisFatal) as e:
             ctx.heartbeat.redis_error = f"unreachable: {e}"
             ctx.metrics.redis_up.set(0)
+            continue
+        try:  # dashboard numbers only: a server that refuses INFO must not fail health
+            ctx.metrics.redis(read_redis_stats(client, ctx.keys))
+        except redis.RedisError as e:
+            if not warned:
+                log.warning("%s: could not read Redis stats for the dashboard: %s", ctx.name, e)
+            warned = True
 
 
 def setup_logging() -> None:

@@ -256,11 +256,15 @@ def test_compose_config_resolves_with_docker_compose() -> None:
     cpu = config("-f", str(CPU_OVERRIDE), REDIS_PASSWORD=PASSWORD)
     assert cpu.returncode == 0, cpu.stderr
     gpu_services, cpu_services = json.loads(gpu.stdout)["services"], json.loads(cpu.stdout)["services"]
+    assert gpu_services["learner"]["build"]["target"] == "gpu"
+    assert cpu_services["learner"]["build"]["target"] == "cpu"
+    assert cpu_services["learner"]["build"]["args"] == {"PYTHON_IMAGE": "python:3.11-slim", "OFFLINE_WHEELS": "0"}
     for name in SERVICES:
         assert gpu_services[name]["deploy"]["resources"]["reservations"]["devices"]
-        assert gpu_services[name]["build"]["target"] == "gpu"
         assert "deploy" not in cpu_services[name] or not cpu_services[name]["deploy"].get("resources")
-        assert cpu_services[name]["build"]["target"] == "cpu"
+        # one image, one build: only the learner declares it (a build per service made three)
+        assert gpu_services[name]["image"] == "asyncopd:gpu" and cpu_services[name]["image"] == "asyncopd:cpu"
+        assert ("build" in gpu_services[name]) == ("build" in cpu_services[name]) == (name == "learner")
         assert cpu_services[name]["environment"]["REDIS_URL"] == f"redis://:{PASSWORD}@redis:6379/0"
 
 
@@ -301,11 +305,11 @@ def test_compose_service_is_what_the_launcher_runs(
     assert healthcheck_url(svc) == f"http://localhost:{settings.http_port}/healthz"
     if override:
         assert settings.torch_threads == 1
-        assert "deploy" not in svc and svc["build"]["target"] == "cpu"
+        assert "deploy" not in svc and svc["image"] == "asyncopd:cpu"
     else:
         devices = svc["deploy"]["resources"]["reservations"]["devices"]
         assert devices == [{"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}]  # one-GPU default
-        assert svc["build"]["target"] == "gpu"
+        assert svc["image"] == "asyncopd:gpu"
 
 
 def test_compose_topology() -> None:
@@ -315,7 +319,11 @@ def test_compose_topology() -> None:
         svc = services[name]
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
         assert "container_name" not in svc, "fixed names break --scale"
-        assert svc["build"]["dockerfile"] == "deploy/Dockerfile"
+        assert svc["image"] == services["learner"]["image"]
+    # The image is built once, by the learner; teacher and rollout run it (never pulled: compose
+    # does not pull an image another service of the project builds).
+    assert [n for n, svc in services.items() if "build" in svc] == ["learner"]
+    assert services["learner"]["build"]["dockerfile"] == "deploy/Dockerfile"
     for name in ("rollout", "teacher"):  # scaled with --scale: no fixed host port either
         assert "ports" not in services[name]
     assert services["rollout"]["depends_on"]["learner"]["condition"] == "service_healthy"
@@ -378,8 +386,8 @@ def dockerfile_stages() -> dict[str, list[str]]:
 
 def test_dockerfile_targets() -> None:
     stages = dockerfile_stages()
-    targets = {compose()["services"][s]["build"]["target"] for s in SERVICES}
-    targets |= {compose(override=True)["services"][s]["build"]["target"] for s in SERVICES}
+    targets = {compose()["services"]["learner"]["build"]["target"],
+               compose(override=True)["services"]["learner"]["build"]["target"]}
     assert targets == {"gpu", "cpu"}
     for target in targets:
         steps = stages[target]
@@ -399,6 +407,23 @@ def test_dockerfile_targets() -> None:
     for entry in ("runs/", ".git", ".venv", "*.egg-info"):
         assert entry in ignored, entry
     assert any("__pycache__" in e for e in ignored)
+
+
+def test_dockerfile_builds_without_a_registry() -> None:
+    """No `# syntax=` directive (it fetches a frontend image on every build), and the CPU
+    target can install from the wheelhouse alone."""
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I)
+    cpu = " ".join(dockerfile_stages()["cpu"])
+    assert "ARG OFFLINE_WHEELS=0" in cpu
+    assert cpu.count("--mount=type=bind,source=deploy/wheels,target=/wheels") == 2
+    assert re.search(r'pip install --no-index --find-links /wheels "torch==\$\{TORCH_VERSION\}"', cpu)
+    assert "pip install --no-index --find-links /wheels /src" in cpu
+    # the bind mount needs the directory in the build context, wheels or not
+    assert (ROOT / "deploy" / "wheels" / "README.md").is_file()
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    assert not any(p.strip("/").startswith("deploy") for p in patterns)
 
 
 def test_dockerfile_lints_clean() -> None:
@@ -441,7 +466,9 @@ def test_prometheus_config_passes_promtool() -> None:
 def exported_metrics() -> tuple[set[str], set[str]]:
     """Sample names and label names the services export (every metric exercised once)."""
     from services.learner.worker import LearnerMetrics
+    from services.rollout.worker import weight_lag_histogram
     from shared.monitoring import ServiceMetrics
+    from shared.redis_stats import RedisStats, StreamStats
 
     names: set[str] = set()
     labels: set[str] = set()
@@ -450,8 +477,11 @@ def exported_metrics() -> tuple[set[str], set[str]]:
         metrics = ServiceMetrics(service, "replica-0")
         metrics.error("invalid_message")
         metrics.depth("opd:run:trajectories", 1)
+        metrics.redis(RedisStats(1, {"dead": StreamStats(1, 2)}))
         with metrics.timed("codec"):
             pass
+        if service == "rollout":
+            weight_lag_histogram(metrics.registry, "replica-0").observe(0.1)
         if service == "learner":
             ctx = SimpleNamespace(metrics=metrics, settings=SimpleNamespace(replica="replica-0"))
             lm = LearnerMetrics(ctx)
@@ -463,6 +493,12 @@ def exported_metrics() -> tuple[set[str], set[str]]:
                 names.add(sample.name)
                 labels.update(sample.labels)
     return names, labels
+
+
+# Metrics the dashboard reads that the services do not export, with their labels:
+# Prometheus' own scrape health, and the DCGM exporter's (compose --profile gpu-metrics).
+EXTERNAL_METRICS = {"up": {"job", "instance"}, "DCGM_FI_DEV_GPU_UTIL": {"gpu", "Hostname"},
+                    "DCGM_FI_DEV_FB_USED": {"gpu", "Hostname"}}
 
 
 def dashboard_exprs() -> list[str]:
@@ -486,18 +522,22 @@ def test_dashboard_only_queries_exported_metrics() -> None:
     used: set[str] = set()
     for expr in dashboard_exprs():
         names = set(re.findall(r"\bopd_[a-z0-9_]+", expr))
-        assert names, f"not an OPD metric query: {expr}"
+        external = {n for n in EXTERNAL_METRICS if re.search(rf"\b{n}\b", expr)}
+        assert names or external, f"not an OPD metric query: {expr}"
         assert names <= exported, f"{expr}: {sorted(names - exported)} not exported"
         used |= names
+        labels_here = labels.union(*(EXTERNAL_METRICS[n] for n in external))
         for group in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
             for label in filter(None, (g.strip() for g in group.split(","))):
-                assert label in labels | {"le"}, f"{expr}: no label {label!r}"
+                assert label in labels_here | {"le"}, f"{expr}: no label {label!r}"
         for label in re.findall(r"\{([^}]*)\}", expr):
             for matcher in filter(None, (m.strip() for m in label.split(","))):
-                assert re.split(r"[=!~]", matcher)[0].strip() in labels, expr
+                assert re.split(r"[=!~]", matcher)[0].strip() in labels_here, expr
     assert {"opd_items_total", "opd_tokens_total", "opd_queue_depth", "opd_staleness_bucket",
             "opd_weight_version", "opd_loss", "opd_sample_accuracy", "opd_errors_total",
-            "opd_dropped_total", "opd_busy_seconds_total"} <= used
+            "opd_dropped_total", "opd_busy_seconds_total", "opd_weight_lag_seconds_bucket",
+            "opd_last_progress_age_seconds", "opd_redis_memory_bytes", "opd_stream_length",
+            "opd_stream_entries_added", "opd_redis_up"} <= used
 
 
 def test_grafana_provisioning_matches_the_dashboard() -> None:

@@ -370,3 +370,25 @@ def test_a_lost_hand_off_reply_still_reports_the_entries_handed_off(client, keys
     lossy.arm(b":moved:")
     assert c.dead_letter(keys.dead, Entry(entry.id, entry.payload), "bad input") is True
     assert lossy.dropped == 1 and client.xlen(keys.dead) == 1 and c.pending() == 0
+
+
+def test_redis_stats_count_stream_inflow_through_trimming(client, keys):
+    from shared.monitoring import ServiceMetrics
+    from shared.redis_stats import read_redis_stats
+
+    empty = read_redis_stats(client, keys)  # nothing created yet: zeros, no error
+    assert set(empty.streams) == {"prompts", "trajectories", "scored", "dead"}
+    assert all(s.length == 0 and s.entries_added == 0 for s in empty.streams.values())
+    produce(client, keys.prompts, [b"a", b"b", b"c"])
+    for i in range(5):
+        client.xadd(keys.dead, {"n": i}, maxlen=2, approximate=False)
+    stats = read_redis_stats(client, keys)
+    assert (stats.streams["prompts"].length, stats.streams["prompts"].entries_added) == (3, 3)
+    assert (stats.streams["dead"].length, stats.streams["dead"].entries_added) == (2, 5)  # capped, still counted
+    assert stats.used_memory_bytes > 0
+    metrics = ServiceMetrics("learner", "r0")
+    metrics.redis(stats)
+    labels = {"service": "learner", "replica": "r0"}
+    assert metrics.registry.get_sample_value("opd_stream_entries_added", {**labels, "stream": "dead"}) == 5
+    assert metrics.registry.get_sample_value("opd_stream_length", {**labels, "stream": "prompts"}) == 3
+    assert metrics.registry.get_sample_value("opd_redis_memory_bytes", labels) == stats.used_memory_bytes

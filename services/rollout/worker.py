@@ -18,7 +18,7 @@ import uuid
 import zlib
 from typing import Any
 
-from prometheus_client import Histogram
+from prometheus_client import CollectorRegistry, Histogram
 
 from services.rollout.settings import RolloutSettings
 from shared.admission import Admission
@@ -30,6 +30,13 @@ from shared.weights import latest, wait_for_new_version, weight_lag
 from shared.wire import Prompt, Trajectory, WireError, decode, encode
 
 log = logging.getLogger("opd.rollout")
+
+
+def weight_lag_histogram(registry: CollectorRegistry, replica: str) -> Any:
+    """opd_weight_lag_seconds of this replica: learner step end to generating with its weights."""
+    return Histogram("opd_weight_lag_seconds", "Learner step end (before saving) to generating with its weights",
+                     ["service", "replica"], registry=registry,
+                     buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30)).labels("rollout", replica)
 
 
 def spread_device(ctx: Context, device: str) -> str:
@@ -61,10 +68,7 @@ class RolloutWorker:
         self.admission = Admission(ctx.client, ctx.keys)
         # a poison prompt was admitted under its dead reader's grant: give that slot back
         self.consumer = ctx.consumer(ctx.keys.prompts, "rollout", on_poison=self._release_poison)
-        self.weight_lag = Histogram(
-            "opd_weight_lag_seconds", "Learner step end (before saving) to generating with its weights",
-            ["service", "replica"], registry=ctx.metrics.registry,
-            buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30)).labels("rollout", settings.replica)
+        self.weight_lag = weight_lag_histogram(ctx.metrics.registry, settings.replica)
         self.lag_n, self.lag_sum, self.lag_max = 0, 0.0, 0.0  # broadcasts after the first load
 
     def info(self) -> dict[str, Any]:
