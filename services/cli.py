@@ -6,6 +6,7 @@
     opd bench [what]          async vs sync throughput, codec, Redis, weight broadcast (services/bench/)
     opd study staleness       estimators x staleness bounds on the built-in task (services/study.py)
     opd redis [--port --password --dir]   an embedded Redis server in the foreground (--help)
+    opd audit --checkpoint-dir DIR        where every trajectory of a run ended up (services/audit.py)
     opd rollout|teacher|learner [--flags]   run one service (same as opd-rollout, ...)
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = ("demo", "eval", "pretrain", "study", "bench", "redis", "rollout", "teacher", "learner")
+COMMANDS = ("demo", "eval", "pretrain", "study", "bench", "redis", "audit", "rollout", "teacher", "learner")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,6 +41,10 @@ def main(argv: list[str] | None = None) -> None:
         from services.study import main as study_main
 
         study_main(rest)
+    elif command == "audit":
+        from services.audit import main as audit_main
+
+        audit_main(rest)
     elif command == "redis":
         from shared.redis_server import main as redis_main
 

@@ -147,7 +147,7 @@ def test_learner_killed_before_its_first_checkpoint_resumes_without_wiping(tmp_p
         state = json.loads((latest(tmp_path / "ckpt") / "state.json").read_text())
         outcome = accounting(client, keys, state["consumed"])  # asserts produced = the sum of the outcomes
         print("\nrestart run:", {**outcome, "before_kill": before})
-        assert outcome["trained_once"] == 10 * BATCH and outcome["invalid_dead_letters"] == 1  # the garbage
+        assert outcome["trained"] == 10 * BATCH and outcome["invalid_dead_letters"] == 1  # the garbage
         # the rollback to version 0: what the dead learner's versions >= 1 generated is abandoned
         assert state["lineage"] == {"0": 0, "1": 0} and outcome["abandoned_by_rollback"] >= 1
         abandoned = [r.decode() for _, f in client.xrange(keys.dead) if (r := f[b"reason"]).startswith(b"abandoned")]
