@@ -14,7 +14,7 @@
 set -uo pipefail
 out="${1:?usage: scripts/device-check.sh OUT_DIR [WHEEL_DIR]}"
 wheels="${2:-}"
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -n "$wheels" ]; then

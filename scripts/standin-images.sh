@@ -41,7 +41,7 @@ have_image() { [ "${FORCE:-0}" != 1 ] && docker image inspect "$1" >/dev/null 2>
 build_base() {  # debootstrap once; every image starts from a copy
   local mirror=${DEBIAN_MIRROR:-$(host_mirror)}
   echo "debootstrap bookworm (minbase) from ${mirror:-the default mirror of debootstrap}" >&2
-  debootstrap --variant=minbase --include=ca-certificates bookworm "$WORK/base" $mirror >"$WORK/debootstrap.log" 2>&1 \
+  debootstrap --variant=minbase --include=ca-certificates bookworm "$WORK/base" ${mirror:+"$mirror"} >"$WORK/debootstrap.log" 2>&1 \
     || { tail -20 "$WORK/debootstrap.log" >&2; exit 1; }
   # Package scripts must not try to start services inside the chroot.
   printf '#!/bin/sh\nexit 101\n' >"$WORK/base/usr/sbin/policy-rc.d"
@@ -52,8 +52,9 @@ install_into() {  # install_into DIR PACKAGE...: apt inside a chroot copy of the
   local root=$1; shift
   cp -a "$WORK/base" "$root"
   cp /etc/resolv.conf "$root/etc/resolv.conf"
-  chroot "$root" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive chroot "$root" apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+  chroot "$root" apt-get update -qq >>"$WORK/apt.log" 2>&1 || { tail -20 "$WORK/apt.log" >&2; exit 1; }
+  DEBIAN_FRONTEND=noninteractive chroot "$root" apt-get install -y -qq --no-install-recommends "$@" \
+    >>"$WORK/apt.log" 2>&1 || { tail -20 "$WORK/apt.log" >&2; exit 1; }
   chroot "$root" apt-get clean
   rm -rf "$root"/var/lib/apt/lists/* "$root/usr/sbin/policy-rc.d"
   : >"$root/etc/resolv.conf"

