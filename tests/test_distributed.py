@@ -201,3 +201,22 @@ def test_a_checkpoint_resumes_exactly_on_another_world_size(scenario: Scenario, 
     old, new = (json.loads((p / "state.json").read_text()) for p in (before, after))
     assert old["version"] == new["version"] and old["consumed"] == new["consumed"]
     assert len(load_file(before / "optimizer.safetensors")) == 3 * 20  # step, exp_avg, exp_avg_sq x params
+
+
+def test_sharded_steps_equal_one_process_for_every_objective(tmp_path):
+    """Trainer steps on 2 ranks (FSDP2, DDP) vs 1 process in float64 (tests/distributed_step.py)."""
+    import subprocess
+    import sys
+
+    out, root = tmp_path / "steps.json", Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(root / "tests" / "distributed_step.py"), str(out)], cwd=root, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert len(results) == 8
+    for case, r in results.items():
+        assert r["max_diff"] < 1e-12 < 1e-3 < r["moved"], (case, r["max_diff"], r["moved"])
+        alone, sharded = r["alone"], r["sharded"]
+        assert alone.pop("microbatches") == r["passes"] and sharded.pop("microbatches") >= 1
+        assert sharded == pytest.approx(alone, rel=1e-12, abs=1e-15), case

@@ -111,10 +111,12 @@ def compare(one: dict[str, Any], many: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(url: str, s: Any, run_dir: Path) -> dict[str, Any]:
-    """Both runs on the same synthetic batches (the student's vocabulary)."""
-    from shared.models import load_tokenizer
+    """Both runs on the same synthetic batches (ids the student's tokenizer can decode)."""
+    from transformers import AutoConfig
 
-    vocab = len(load_tokenizer(s.student))
+    from shared.models import load_tokenizer, resolve_model
+
+    vocab = min(len(load_tokenizer(s.student)), AutoConfig.from_pretrained(resolve_model(s.student)).vocab_size)
     top_k = min(s.codec_top_k, vocab)
     batches = synthetic_batches(s.steps, s.batch_size, vocab, top_k, s.max_new_tokens)
     one = run_learner(url, 1, s, run_dir, batches, top_k)

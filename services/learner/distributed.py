@@ -69,7 +69,6 @@ class Ranks:
         else:
             device, backend = "cpu", "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-        log.info("learner rank %d of %d on %s (%s)", rank, world, device, backend)
         return cls(rank, world, device, backend)
 
     def broadcast(self, obj: Any = None) -> Any:

@@ -22,6 +22,7 @@ it is dead-lettered by the stream's delivery cap (max_deliveries) like any poiso
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from shared.wire import ScoredTrajectory
 
 KEEPALIVE_S = 5.0  # rank 0 waiting for data says so this often
+log = logging.getLogger("opd.learner")
 
 
 class Student:
@@ -68,6 +70,9 @@ class Student:
                                forward=forward, ranks=ranks)
         self._stale = False  # rank 0's plain copy is behind the sharded weights
         self._last = time.monotonic()
+        if ranks.distributed:
+            log.info("learner rank %d of %d: the student on %s (%s, %s)", ranks.rank, ranks.world, ranks.device,
+                     ranks.backend, type(forward).__name__)
 
     def step(self, batch: list[ScoredTrajectory]) -> dict[str, float]:
         """One optimizer step on the batch (over N ranks: all of them, each on its shard)."""

@@ -131,8 +131,8 @@ class Trainer:
         mine = torch.cat(log_w) if log_w else torch.zeros(0, device=self.device)
         if not self.ranks.distributed:
             return mine
-        full = torch.zeros(n, dtype=mine.dtype, device=mine.device)
-        full[rows] = mine
+        full = torch.zeros(n, dtype=torch.float64, device=self.device)  # one dtype on every rank
+        full[rows] = mine.double()
         return self.ranks.all_sum(full)
 
     @torch.no_grad()
