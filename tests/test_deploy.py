@@ -693,3 +693,20 @@ def test_compose_places_services_on_gpus_as_documented() -> None:
     assert many["rollout"]["environment"]["OPD_ROLLOUT_GPU_MEMORY_FRACTION"] == "0.9"
     readme = (ROOT / "deploy" / "README.md").read_text()
     assert "OPD_ROLLOUT_GPUS=2,3" in readme and "0.35 + 0.35 + 0.25" in readme
+
+
+def test_the_learner_runs_on_several_gpus_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One process by default (compose and the ConfigMap); OPD_LEARNER_PROCS=N, the documented
+    option, makes the same container command a torchrun learner of N ranks on N GPUs."""
+    default = compose()["services"]["learner"]
+    assert parse_under_env(monkeypatch, "learner", default["environment"], default["command"][1:]).procs == 1
+    config = k8s_find("ConfigMap", "opd-config")["data"]
+    assert config["OPD_LEARNER_PROCS"] == "1"
+    many = compose({"REDIS_PASSWORD": PASSWORD, "OPD_LEARNER_PROCS": "2", "OPD_LEARNER_GPUS": "0,1"})["services"]
+    learner = many["learner"]
+    assert parse_under_env(monkeypatch, "learner", learner["environment"], learner["command"][1:]).procs == 2
+    assert learner["command"][0] == "opd-learner"  # it re-runs itself under torchrun
+    assert learner["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["0,1"]
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    assert "OPD_LEARNER_PROCS=2 OPD_LEARNER_GPUS=0,1" in readme and "torchrun --standalone" in readme
+    assert "OPD_LEARNER_PROCS" in (ROOT / "deploy" / "k8s" / "learner.yaml").read_text()
