@@ -214,7 +214,7 @@ def test_sharded_steps_equal_one_process_for_every_objective(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert len(results) == 8
+    assert len(results) == 9
     for case, r in results.items():
         assert r["max_diff"] < 1e-12 < 1e-3 < r["moved"], (case, r["max_diff"], r["moved"])
         alone, sharded = r["alone"], r["sharded"]

@@ -112,7 +112,7 @@ class LearnerSettings(ScoringSettings):
     parallel: Literal["fsdp", "ddp"] = "fsdp"
     """How N > 1 ranks share the student: fsdp (FSDP2 per decoder layer and root: parameters,
     gradients and AdamW state sharded) or ddp (a replica per rank; also where torch lacks FSDP2)."""
-    dist_timeout_s: float = Field(default=600.0, gt=0)
+    dist_timeout_s: float = Field(default=600.0, ge=30)
     """N > 1 ranks: a collective waiting longer than this fails and ends the learner (NCCL's
     only way to notice a hung peer; must exceed rank 0's longest stretch without a command:
     an evaluation, a slow publish, a Redis outage)."""

@@ -37,24 +37,31 @@ Parallel = Literal["fsdp", "ddp"]
 
 
 def wrap(model: torch.nn.Module, ranks: Ranks, parallel: Parallel = "fsdp") -> torch.nn.Module:
-    """The forward module the trainer runs on this rank, the student sharded or replicated."""
+    """The forward module the trainer runs on this rank, the student sharded or replicated.
+    `model` may be on the CPU: FSDP2 moves each unit's shard to the rank's device as it
+    shards it (no whole model on any GPU), DDP moves the replica."""
+    import torch
+
     from shared.logprobs import CompletionLogprobs
 
     forward = CompletionLogprobs(model)
     if parallel == "fsdp":
         try:
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
         except ImportError:  # torch before FSDP2's public API
             log.warning("this torch has no torch.distributed.fsdp.fully_shard: using DDP")
         else:
+            mesh = init_device_mesh(torch.device(ranks.device).type, (ranks.world,))
             layers = set(getattr(model, "_no_split_modules", None) or ())
             for module in model.modules():
                 if type(module).__name__ in layers:
-                    fully_shard(module)
-            return fully_shard(forward)
+                    fully_shard(module, mesh=mesh)
+            return fully_shard(forward, mesh=mesh)
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(forward, device_ids=None if ranks.device == "cpu" else [ranks.device])
+    device = torch.device(ranks.device)
+    return DistributedDataParallel(forward.to(device), device_ids=None if device.type == "cpu" else [device])
 
 
 def _options(**kwargs: bool):

@@ -60,7 +60,7 @@ class Student:
             self.plain = copy.deepcopy(model) if ranks.leader else None
         if s.gradient_checkpointing:
             enable_activation_checkpointing(model)
-        forward = sharding.wrap(model.to(ranks.device), ranks, s.parallel) if ranks.distributed else None
+        forward = sharding.wrap(model, ranks, s.parallel) if ranks.distributed else None
         self.model = model
         self.trainer = Trainer(model, lr=s.lr, weight_decay=s.weight_decay, grad_clip=s.grad_clip,
                                objective=s.objective(), warmup_steps=s.warmup_steps,
