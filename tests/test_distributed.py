@@ -220,3 +220,5 @@ def test_sharded_steps_equal_one_process_for_every_objective(tmp_path):
         alone, sharded = r["alone"], r["sharded"]
         assert alone.pop("microbatches") == r["passes"] and sharded.pop("microbatches") >= 1
         assert sharded == pytest.approx(alone, rel=1e-12, abs=1e-15), case
+    print(f"\nfloat64, max |2 ranks - 1 process| of the weights over {len(results)} cases: "
+          f"{max(r['max_diff'] for r in results.values()):.1e}")

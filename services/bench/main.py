@@ -134,8 +134,10 @@ def learner(url: str, s: BenchSettings) -> dict[str, Any]:
     from shared.settings import resolve_device
 
     device = resolve_device(s.device)
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="opd-bench-") as tmp:
         r = run(url, s, Path(tmp))
+    r["load_average"] = [round(load, 2), round(os.getloadavg()[0], 2)]  # 1-min, before and after: a shared machine
     one, many, c, n = r["one"], r["many"], r["comparison"], s.learner_procs
     engine = f"{'NCCL' if device.startswith('cuda') else 'gloo'} on {device}, FSDP2"
     rows = [("", f"{'1 rank':>10} {str(n) + ' ranks':>10}"),
@@ -146,7 +148,8 @@ def learner(url: str, s: BenchSettings) -> dict[str, Any]:
     if not device.startswith("cuda"):
         cores = len(os.sched_getaffinity(0))
         rows.append(("machine", f"{n} gloo processes on this machine's {cores} CPU cores, {s.torch_threads} torch "
-                     f"thread(s) per process (1 rank: {s.torch_threads}): at most {min(n, cores)}x"))
+                     f"thread(s) per process (1 rank: {s.torch_threads}): at most {min(n, cores)}x; load average "
+                     f"{r['load_average'][0]} before, {r['load_average'][1]} after"))
         r["cores"] = cores
     print(table(f"learner: 1 vs {n} ranks ({engine}), {one['steps']} steps of {s.batch_size} trajectories, "
                 f"measured over steps 2-{one['steps']}", rows), flush=True)
