@@ -23,6 +23,7 @@ and the student's own top-k for drift control); one that does belongs here, chun
 
     from shared.logprobs import completion_logprobs
     logp_BTM, lse_BT, top_ids_BTk = completion_logprobs(model, packed, ids_BTM, chunk_tokens=512)
+    CompletionLogprobs(model)(packed, ids_BTM, 512)   # the same, as a module (the learner's forward)
 """
 
 from __future__ import annotations
@@ -166,6 +167,20 @@ def completion_logprobs(model: torch.nn.Module, batch: PackedBatch, ids_BTM: tor
     logp_NM, lse_N, top_Nk = gather_logprobs(hidden_ND, OutputHead.of(model), ids_BTM[mask],
                                              chunk_tokens=chunk_tokens, top_k=top_k)
     return scatter_positions(logp_NM, mask), scatter_positions(lse_N, mask), scatter_positions(top_Nk, mask)
+
+
+class CompletionLogprobs(torch.nn.Module):
+    """`completion_logprobs` of `student` as one module: a multi-rank learner hands this to
+    FSDP2 or DDP (services/learner/sharding.py), whose hooks run around its forward, the
+    student's layers and its output head together."""
+
+    def __init__(self, student: torch.nn.Module) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, batch: PackedBatch, ids_BTM: torch.Tensor, chunk_tokens: int,
+                top_k: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return completion_logprobs(self.student, batch, ids_BTM, chunk_tokens=chunk_tokens, top_k=top_k)
 
 
 def scatter_positions(x_N: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,12 @@ micro-batch of its own: it is never dropped.
 
     >>> microbatches([5, 3, 9, 2], max_tokens=10)
     [[2], [0, 1], [3]]
+
+A multi-rank learner first splits the step's sequences over its ranks (`shards`: about
+equal tokens each, longest first to the least-loaded rank), then each rank plans its own.
+
+    >>> shards([5, 3, 9, 2], parts=2)
+    [[2], [0, 1, 3]]
 """
 
 from __future__ import annotations
@@ -34,3 +40,14 @@ def microbatches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
 def padded_tokens(lengths: Sequence[int], groups: list[list[int]]) -> int:
     """Tokens the groups cost once right-padded (rows x longest row, summed)."""
     return sum(len(g) * max(lengths[i] for i in g) for g in groups)
+
+
+def shards(lengths: Sequence[int], parts: int) -> list[list[int]]:
+    """`parts` index lists covering range(len(lengths)) once, with about equal total length:
+    longest first, each to the part with the least so far (ties: the lower part); ascending."""
+    loads, out = [0] * parts, [[] for _ in range(parts)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        j = min(range(parts), key=lambda j: (loads[j], j))
+        out[j].append(i)
+        loads[j] += lengths[i]
+    return [sorted(part) for part in out]

@@ -141,10 +141,12 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     port = args.port or (6379 if _port_free(6379) else None)
     server = EmbeddedRedis(port=port, data_dir=args.dir, password=args.password, persist=args.dir is not None)
-    server.start()
-    print(server.url, flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stop request: leave through finally
+    # a stop request: leave through finally; installed before the URL is printed, since a caller
+    # may stop us as soon as it has read it (the default action would orphan the server)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
+        server.start()
+        print(server.url, flush=True)
         server.proc.wait()
     except KeyboardInterrupt:
         pass

@@ -742,3 +742,20 @@ def test_shell_scripts_pass_shellcheck() -> None:
     scripts = sorted(str(p) for p in (ROOT / "scripts").glob("*.sh")) + [str(ROOT / ".ci" / "run")]
     out = subprocess.run([shellcheck, "--severity=warning", *scripts], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout
+
+
+def test_the_learner_runs_on_several_gpus_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One process by default (compose and the ConfigMap); OPD_LEARNER_PROCS=N, the documented
+    option, makes the same container command a torchrun learner of N ranks on N GPUs."""
+    default = compose()["services"]["learner"]
+    assert parse_under_env(monkeypatch, "learner", default["environment"], default["command"][1:]).procs == 1
+    config = k8s_find("ConfigMap", "opd-config")["data"]
+    assert config["OPD_LEARNER_PROCS"] == "1"
+    many = compose({"REDIS_PASSWORD": PASSWORD, "OPD_LEARNER_PROCS": "2", "OPD_LEARNER_GPUS": "0,1"})["services"]
+    learner = many["learner"]
+    assert parse_under_env(monkeypatch, "learner", learner["environment"], learner["command"][1:]).procs == 2
+    assert learner["command"][0] == "opd-learner"  # it re-runs itself under torchrun
+    assert learner["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["0,1"]
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    assert "OPD_LEARNER_PROCS=2 OPD_LEARNER_GPUS=0,1" in readme and "torchrun --standalone" in readme
+    assert "OPD_LEARNER_PROCS" in (ROOT / "deploy" / "k8s" / "learner.yaml").read_text()

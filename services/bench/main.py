@@ -1,7 +1,9 @@
-"""`opd bench [all|pipeline|codec|broadcast|memory] [--flags]`: print tables, write JSON.
+"""`opd bench [all|pipeline|codec|broadcast|learner|memory] [--flags]`: print tables, write JSON.
 
 `memory` (services/bench/memory.py) measures one learner step and one teacher pass at
-LLM vocabulary size; `all` runs the other three.
+LLM vocabulary size; `learner` (services/bench/learner.py) the learner's step time on 1 vs
+`--learner-procs N` ranks; `all` runs pipeline, codec and broadcast, and the learner
+table too when `--learner-procs` is above 1 (the pipeline's learner then runs on N ranks).
 
 Starts an embedded Redis unless REDIS_URL is set. The default preset `auto` measures the
 built-in tiny models on a CPU machine and random-init ~0.5B/~1.5B models on a CUDA one;
@@ -36,6 +38,9 @@ class BenchSettings(BaseSettings):
     """Trajectories per learner step (split across rollout replicas)."""
     rollouts: int = 1
     """Rollout replicas."""
+    learner_procs: int = Field(default=1, ge=1)
+    """Learner ranks (torchrun; one per GPU): N > 1 runs the pipeline's learner on N ranks and
+    measures learner step time on 1 vs N ranks (`opd bench learner`: default 2)."""
     max_staleness: int = 4
     """Staleness bound of the asynchronous run."""
     max_new_tokens: int = 8
@@ -124,15 +129,46 @@ def broadcast(s: BenchSettings) -> dict[str, Any]:
     return r
 
 
+def learner(url: str, s: BenchSettings) -> dict[str, Any]:
+    from services.bench.learner import run
+    from shared.settings import resolve_device
+
+    device = resolve_device(s.device)
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="opd-bench-") as tmp:
+        r = run(url, s, Path(tmp))
+    r["load_average"] = [round(load, 2), round(os.getloadavg()[0], 2)]  # 1-min, before and after: a shared machine
+    one, many, c, n = r["one"], r["many"], r["comparison"], s.learner_procs
+    engine = f"{'NCCL' if device.startswith('cuda') else 'gloo'} on {device}, FSDP2"
+    rows = [("", f"{'1 rank':>10} {str(n) + ' ranks':>10}"),
+            ("train step (s)", f"{one['train_step_s']:10.4f} {many['train_step_s']:10.4f}"),
+            ("whole step (s)", f"{one['step_s']:10.4f} {many['step_s']:10.4f}"),
+            ("train speed-up", f"{c['train_speedup']:.2f}x, scaling efficiency {c['train_efficiency']:.0%}"),
+            ("whole-step speed-up", f"{c['step_speedup']:.2f}x, scaling efficiency {c['step_efficiency']:.0%}")]
+    if not device.startswith("cuda"):
+        cores = len(os.sched_getaffinity(0))
+        rows.append(("machine", f"{n} gloo processes on this machine's {cores} CPU cores, {s.torch_threads} torch "
+                     f"thread(s) per process (1 rank: {s.torch_threads}): at most {min(n, cores)}x; load average "
+                     f"{r['load_average'][0]} before, {r['load_average'][1]} after"))
+        r["cores"] = cores
+    print(table(f"learner: 1 vs {n} ranks ({engine}), {one['steps']} steps of {s.batch_size} trajectories, "
+                f"measured over steps 2-{one['steps']}", rows), flush=True)
+    return r
+
+
 def main(argv: list[str]) -> None:
     what = argv[0] if argv and not argv[0].startswith("-") else "all"
     if what == "memory":
         from services.bench.memory import main as memory_main
 
         return memory_main(argv[1:])
-    if what not in ("all", "pipeline", "codec", "broadcast"):
-        raise SystemExit("usage: opd bench [all|pipeline|codec|broadcast|memory] [--flags]")
+    if what not in ("all", "pipeline", "codec", "broadcast", "learner"):
+        raise SystemExit("usage: opd bench [all|pipeline|codec|broadcast|learner|memory] [--flags]")
     s = CliApp.run(BenchSettings, cli_args=argv[1:] if argv and argv[0] == what else argv)
+    if what == "learner" and "learner_procs" not in s.model_fields_set:
+        s = s.model_copy(update={"learner_procs": 2})
+    if what == "learner" and s.learner_procs < 2:
+        raise SystemExit("opd bench learner compares 1 rank with --learner-procs N: N must be 2 or more")
     if s.preset == "auto":
         import torch
 
@@ -189,6 +225,8 @@ def run_benchmarks(what: str, s: BenchSettings) -> None:
             results["broadcast"] = broadcast(s)
         if what in ("all", "pipeline"):
             results["pipeline"] = pipeline(url, s)
+        if what == "learner" or what == "all" and s.learner_procs > 1:
+            results["learner"] = learner(url, s)
     finally:
         if embedded is not None:
             embedded.close()

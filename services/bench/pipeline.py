@@ -44,7 +44,7 @@ def run_mode(url: str, max_staleness: int, s: Any, run_dir: Path) -> dict[str, A
               "device": s.device, "http_port": 0}
     try:
         launcher.start("learner", "learner", {**common, "model": s.student, "batch_size": s.batch_size,
-                       "max_staleness": max_staleness, "max_steps": s.steps,
+                       "max_staleness": max_staleness, "max_steps": s.steps, "procs": s.learner_procs,
                        "output_dir": run_dir / run / "student", "losses": json.dumps(s.losses),
                        "checkpoint_dir": run_dir / run / "checkpoints"})
         launcher.start("teacher", "teacher", {**common, "model": s.teacher, "batch_size": s.batch_size,

@@ -8,6 +8,10 @@ trajectory ids, counters, optimizer hyper-parameters). Written to `.tmp` and ren
 crash never leaves a half checkpoint; no pickle anywhere. The learner acks scored
 trajectories only once a checkpoint covering them exists, so a restart resumes exactly:
 what the checkpoint consumed is skipped, what it did not is reclaimed and trained.
+
+A torchrun learner's rank 0 writes the same files from the gathered full state (the AdamW
+state keyed by parameter index, as one process has it: services/learner/sharding.py), so
+a checkpoint resumes on any number of ranks, or on one process.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ import torch
 PREFIX = "step-"
 
 
-def save(root: str | Path, version: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save(root: str | Path, version: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | dict[str, Any],
          state: dict[str, Any], keep: int = 2, epoch: int = 0) -> Path:
-    """Write a checkpoint atomically and prune all but the newest `keep`."""
+    """Write a checkpoint atomically and prune all but the newest `keep`; `optimizer` is the
+    optimizer or its state_dict()."""
     from safetensors.torch import save_file, save_model
 
     from shared.weights import atomic_dir
@@ -33,7 +38,7 @@ def save(root: str | Path, version: int, model: torch.nn.Module, optimizer: torc
     final = Path(root) / (f"{PREFIX}{version:06d}" + (f".e{epoch}" if epoch else ""))
     with atomic_dir(final) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
-        tensors, scalars = _flatten(optimizer.state_dict())
+        tensors, scalars = _flatten(optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({**state, "version": version, "optimizer": scalars}))
     for old in _complete(root)[:-keep]:
@@ -57,16 +62,23 @@ def latest(root: str | Path) -> Path | None:
 
 def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model and optimizer in place; returns the saved state (version, consumed...)."""
-    from safetensors.torch import load_file
-
     from shared.weights import load_version
 
-    path = Path(path)
     load_version(model, path)
+    optimizer_state, state = read(path)
+    optimizer.load_state_dict(optimizer_state)
+    return state
+
+
+def read(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the optimizer's state_dict, the saved state) of a checkpoint; the weights are a
+    published version's files (shared/weights.py load_version)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
     state = json.loads((path / "state.json").read_text())
     tensors = load_file(str(path / "optimizer.safetensors"))
-    optimizer.load_state_dict(_unflatten(tensors, state.pop("optimizer")))
-    return state
+    return _unflatten(tensors, state.pop("optimizer")), state
 
 
 def _flatten(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -105,6 +105,17 @@ class LearnerSettings(ScoringSettings):
     """Steps between checkpoints; trained trajectories are acked only once checkpointed."""
     seed: int = 0
     """Seed for prompt order and torch."""
+    procs: int = Field(default=1, ge=1)
+    """Processes of this one learner (ranks, one per GPU): N > 1 runs this same command under
+    `torchrun --standalone --nproc-per-node N` (services/learner/distributed.py). Ignored
+    under torchrun, whose world size counts."""
+    parallel: Literal["fsdp", "ddp"] = "fsdp"
+    """How N > 1 ranks share the student: fsdp (FSDP2 per decoder layer and root: parameters,
+    gradients and AdamW state sharded) or ddp (a replica per rank; also where torch lacks FSDP2)."""
+    dist_timeout_s: float = Field(default=600.0, ge=30)
+    """N > 1 ranks: a collective waiting longer than this fails and ends the learner (NCCL's
+    only way to notice a hung peer; must exceed rank 0's longest stretch without a command:
+    an evaluation, a slow publish, a Redis outage)."""
 
     def objective(self) -> ObjectiveConfig:
         """The loss configuration these settings describe (validated here, at start-up)."""

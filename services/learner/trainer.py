@@ -10,6 +10,14 @@ backpropagates. Gradients accumulate, so the update equals the one-batch update;
 mask and VCPO's learning-rate factor, which look across the batch, are computed over the
 whole step too. Then clip and AdamW.
 
+Over N ranks (a torchrun learner: services/learner/student.py) every rank gets the whole
+step and trains its shard (shared/microbatch.py `shards`: about equal tokens per rank)
+through the sharded forward module (sharding.py). Losses stay normalised by the whole
+step's token count and each rank's loss is scaled by N, which the engine's gradient
+average undoes: the update is the one-process update. Every rank runs as many passes as
+the busiest one (the engine's collectives run in every pass; a rank out of work runs a
+zero-weight pass), and M2PO's mask, VCPO's ESS and the metrics are summed over ranks.
+
 dtype "bfloat16" runs the forward and backward under autocast (bf16 matmuls) while the
 parameters and AdamW state stay float32; log-prob and loss maths are float32 either way.
 """
@@ -23,10 +31,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from services.learner.distributed import Ranks
 from services.learner.losses import LossInputs, ObjectiveConfig, objective
 from services.learner.stabilisers import m2po_mask, vcpo_lr_scale
-from shared.logprobs import completion_logprobs
-from shared.microbatch import microbatches
+from shared.logprobs import CompletionLogprobs
+from shared.microbatch import microbatches, shards
 from shared.sequences import pack, pad_rows
 from shared.wire import ScoredTrajectory
 
@@ -59,10 +68,15 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, *, lr: float, weight_decay: float,
                  grad_clip: float, objective: ObjectiveConfig, pad_id: int, warmup_steps: int = 0,
                  chunk_tokens: int = 1024, max_tokens_per_microbatch: int = 0,
-                 dtype: str = "float32", schedule: LrSchedule | None = None) -> None:
+                 dtype: str = "float32", schedule: LrSchedule | None = None,
+                 forward: torch.nn.Module | None = None, ranks: Ranks | None = None) -> None:
+        """`forward`: the module that runs the student's log-probs (over N ranks: the sharded
+        one from sharding.wrap; default CompletionLogprobs(model)); `ranks`: this rank's place."""
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"learner dtype must be float32 or bfloat16, got {dtype!r}")
         self.model, self.grad_clip, self.objective, self.pad_id = model, grad_clip, objective, pad_id
+        self.forward = forward if forward is not None else CompletionLogprobs(model)
+        self.ranks = ranks or Ranks()
         self.lr, self.steps = lr, 0
         self.schedule = schedule or LrSchedule(warmup_steps=warmup_steps)
         self.chunk_tokens, self.max_tokens, self.dtype = chunk_tokens, max_tokens_per_microbatch, dtype
@@ -71,33 +85,55 @@ class Trainer:
 
     def step(self, batch: list[ScoredTrajectory]) -> dict[str, float]:
         """Accumulate gradients over micro-batches, clip, AdamW step; returns scalar metrics."""
-        self.model.train()
-        groups = self.plan(batch)
+        self.forward.train()
+        groups = self.passes(batch)
         denom = float(max(1, sum(b.trajectory.num_tokens for b in batch)))
         keep = self._m2po_keep(batch, groups) if self._global_m2po(groups) else None
         self.optimizer.zero_grad(set_to_none=True)
-        metrics: dict[str, float] = {}
-        log_w = []
-        for g in groups:
-            x = self.inputs([batch[i] for i in g], None if keep is None else keep[g])
-            out = objective(x, self.objective, normaliser=denom)
-            out.loss.backward()
-            log_w.append(out.sequence_log_weights_B)
-            for key, value in out.metrics.items():
-                metrics[key] = max(metrics.get(key, value), value) if key.endswith("/max") \
-                    else metrics.get(key, 0.0) + value
-        lr_scale = vcpo_lr_scale(torch.cat(log_w)) if self.objective.vcpo else 1.0
+        metrics, log_w_B = self._accumulate(batch, groups, denom, keep)
+        lr_scale = vcpo_lr_scale(log_w_B) if self.objective.vcpo else 1.0
         if self.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            metrics["grad_norm"] = float(norm)
+            metrics["grad_norm"] = float(getattr(norm, "full_tensor", lambda: norm)())  # sharded: a DTensor
         self.steps += 1
         lr = self.lr * self.schedule.factor(self.steps) * lr_scale  # VCPO scales this step only
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        metrics.update(lr=lr, lr_scale=lr_scale, microbatches=len(groups))
+        metrics.update(lr=lr, lr_scale=lr_scale)
         self.optimizer.step()
-        self.model.eval()
+        self.forward.eval()
         return metrics
+
+    def _accumulate(self, batch: list[ScoredTrajectory], groups: list[list[int] | None], denom: float,
+                    keep: torch.Tensor | None) -> tuple[dict[str, float], torch.Tensor | None]:
+        """Forward and backward every pass; the step's metrics (all ranks') and, for VCPO,
+        the sequence log-weights of the whole step in batch order (rank order alone)."""
+        metrics: dict[str, float] = {}
+        log_w, rows = [], []
+        for g in groups:
+            if g is None:  # out of work: a pass that adds nothing, for the engine's collectives
+                (self.inputs(batch[:1]).student_sampled_BT.sum() * 0.0).backward()
+                continue
+            x = self.inputs([batch[i] for i in g], None if keep is None else keep[g])
+            out = objective(x, self.objective, normaliser=denom)
+            (out.loss * self.ranks.world if self.ranks.distributed else out.loss).backward()
+            log_w.append(out.sequence_log_weights_B)
+            rows += g
+            merge_metrics(metrics, out.metrics)
+        metrics["microbatches"] = sum(g is not None for g in groups)
+        merged: dict[str, float] = {}
+        for part in self.ranks.all_gather(metrics):
+            merge_metrics(merged, part)
+        return merged, self._whole_step(log_w, rows, len(batch)) if self.objective.vcpo else None
+
+    def _whole_step(self, log_w: list[torch.Tensor], rows: list[int], n: int) -> torch.Tensor:
+        """Per-sequence values of this rank's passes -> the whole step's (summed over ranks)."""
+        mine = torch.cat(log_w) if log_w else torch.zeros(0, device=self.device)
+        if not self.ranks.distributed:
+            return mine
+        full = torch.zeros(n, dtype=torch.float64, device=self.device)  # one dtype on every rank
+        full[rows] = mine.double()
+        return self.ranks.all_sum(full)
 
     @torch.no_grad()
     def probe(self, batch: list[ScoredTrajectory]) -> list[float]:
@@ -107,29 +143,44 @@ class Trainer:
 
     def plan(self, batch: list[ScoredTrajectory]) -> list[list[int]]:
         """Micro-batches (indices into batch) under the token budget, by packed sequence length."""
-        return microbatches([b.trajectory.prompt.prompt_ids_P.size + b.trajectory.num_tokens
-                             for b in batch], self.max_tokens)
+        return microbatches(_lengths(batch), self.max_tokens)
+
+    def passes(self, batch: list[ScoredTrajectory]) -> list[list[int] | None]:
+        """This rank's micro-batches: alone, `plan`; over N ranks, those of its shard, padded
+        with None (a zero-weight pass) to as many as the busiest rank has."""
+        if not self.ranks.distributed:
+            return self.plan(batch)
+        lengths = _lengths(batch)
+        plans = [[[part[i] for i in g] for g in microbatches([lengths[i] for i in part], self.max_tokens)]
+                 for part in shards(lengths, self.ranks.world)]
+        mine = plans[self.ranks.rank]
+        return mine + [None] * (max(map(len, plans)) - len(mine))
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype != "bfloat16":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def _global_m2po(self, groups: list[list[int]]) -> bool:
+    def _global_m2po(self, groups: list[list[int] | None]) -> bool:
         uses = any(n in ("rkl_stale", "rkl_recompute") for n in self.objective.losses)
-        return uses and self.objective.stabiliser.kind == "m2po" and len(groups) > 1
+        return uses and self.objective.stabiliser.kind == "m2po" and (len(groups) > 1 or self.ranks.distributed)
 
     @torch.no_grad()
-    def _m2po_keep(self, batch: list[ScoredTrajectory], groups: list[list[int]]) -> torch.Tensor:
+    def _m2po_keep(self, batch: list[ScoredTrajectory], groups: list[list[int] | None]) -> torch.Tensor:
         """M2PO's keep-mask [B, T] over the whole step, from a no-grad pass per micro-batch."""
         t_max = max(b.trajectory.num_tokens for b in batch)
         log_ratio = torch.zeros(len(batch), t_max, dtype=torch.float64, device=self.device)
         mask = torch.zeros(len(batch), t_max, dtype=torch.bool, device=self.device)
         for g in groups:
+            if g is None:  # the engine's collectives
+                self.inputs(batch[:1])
+                continue
             x = self.inputs([batch[i] for i in g])
             t = x.mask_BT.shape[1]
             log_ratio[g, :t] = (x.student_sampled_BT - x.behaviour_logprobs_BT).double()
             mask[g, :t] = x.mask_BT
+        if self.ranks.distributed:  # each rank filled its own rows
+            log_ratio, mask = self.ranks.all_sum(log_ratio), self.ranks.all_sum(mask.double()) > 0
         return m2po_mask(log_ratio, mask, self.objective.stabiliser.m2po_tau)
 
     def inputs(self, batch: list[ScoredTrajectory], m2po_keep_BT: torch.Tensor | None = None) -> LossInputs:
@@ -153,8 +204,7 @@ class Trainer:
         drift = self.objective.drift
         top_k = min(drift.k, topk_ids.shape[-1], self._vocab()) if drift.enabled else 0
         with self._autocast():
-            logp_BTM, _, top_ids = completion_logprobs(self.model, packed, torch.cat(id_sets, -1),
-                                                       chunk_tokens=self.chunk_tokens, top_k=top_k)
+            logp_BTM, _, top_ids = self.forward(packed, torch.cat(id_sets, -1), self.chunk_tokens, top_k)
         parts = iter(logp_BTM.split([ids.shape[-1] for ids in id_sets], -1))
         sampled, student_topk = next(parts)[..., 0], next(parts)
         return LossInputs(
@@ -177,3 +227,13 @@ class Trainer:
     def _vocab(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])
 
+
+def merge_metrics(into: dict[str, float], new: dict[str, float]) -> None:
+    """Add one pass's (or one rank's) metrics: sums, except `*/max` keys, which take the max."""
+    for key, value in new.items():
+        into[key] = max(into.get(key, value), value) if key.endswith("/max") else into.get(key, 0.0) + value
+
+
+def _lengths(batch: list[ScoredTrajectory]) -> list[int]:
+    """Packed prompt+completion length of each trajectory."""
+    return [b.trajectory.prompt.prompt_ids_P.size + b.trajectory.num_tokens for b in batch]

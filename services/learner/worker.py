@@ -11,6 +11,10 @@ version. A message whose loss fails on its own is dead-lettered and the step ret
 without it. Trained entries are acked (and their tokens consumed) only when a checkpoint
 (every checkpoint_every steps) covers them, so a restarted learner resumes from the
 checkpoint and retrains what it lost. End: save the final student and summary.
+
+Under torchrun this runs on rank 0 only, which owns every Redis read and write; the
+student it trains spans all ranks (services/learner/student.py), and a step that fails
+there ends the learner instead of being retried without a message.
 """
 
 from __future__ import annotations
@@ -26,12 +30,12 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.learner import checkpoint
+from services.learner.distributed import Ranks
 from services.learner.settings import LearnerSettings
 from services.learner.staleness import STALENESS_BUCKETS, Lineage, StalenessTracker
 from shared.admission import Admission, release_poison, set_limits, token_of
 from shared.run_record import read as read_record
 from shared.service import Context, dead_letter, decode_batch, isolate
-from shared.settings import resolve_device
 from shared.streams import Entry, StreamConsumer, backlog
 from shared.weights import announce, prune_versions, save_version
 from shared.wire import ScoredTrajectory, WireError
@@ -67,29 +71,12 @@ class LearnerMetrics:
 
 
 class LearnerWorker:
-    def __init__(self, ctx: Context, settings: LearnerSettings) -> None:
-        import torch
+    def __init__(self, ctx: Context, settings: LearnerSettings, ranks: Ranks | None = None) -> None:
+        from services.learner.student import Student
 
-        from services.learner.trainer import LrSchedule, Trainer
-        from shared.models import enable_activation_checkpointing, load_model, load_tokenizer, resolve_model
-
-        torch.manual_seed(settings.seed)
         self.ctx, self.s = ctx, settings
-        path = resolve_model(settings.model)
-        self.model = load_model(path, device=resolve_device(settings.device))  # float32 master weights
-        if settings.gradient_checkpointing:
-            enable_activation_checkpointing(self.model)
-        self.tokenizer = load_tokenizer(path)
-        self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
-        self.trainer = Trainer(self.model, lr=settings.lr, weight_decay=settings.weight_decay,
-                               grad_clip=settings.grad_clip, objective=settings.objective(),
-                               warmup_steps=settings.warmup_steps,
-                               schedule=LrSchedule(settings.warmup_steps, settings.lr_schedule,
-                                                   settings.max_steps, settings.lr_min_ratio),
-                               pad_id=int(self.tokenizer.pad_token_id),
-                               chunk_tokens=settings.logprob_chunk_tokens,
-                               max_tokens_per_microbatch=settings.max_tokens_per_microbatch,
-                               dtype=settings.dtype)
+        self.student = Student(settings, ranks or Ranks.start(settings.device, settings.dist_timeout_s))
+        self.tokenizer, self.vocab_size = self.student.tokenizer, self.student.vocab_size
         self.version = 0
         self.tracker = StalenessTracker(settings.max_staleness)
         self.lineage = Lineage()  # epochs: every restore from a checkpoint starts one
@@ -141,12 +128,14 @@ class LearnerWorker:
             while not stop.is_set() and not self._done():
                 self.ctx.heartbeat.beat("collecting")
                 feeder.check()
+                self.student.keepalive()
                 self._collect(batch, ids)
                 if len(batch) >= self.s.batch_size:
                     batch, ids = self._train(batch, ids)
         finally:
             feeder.close()
         self._finish(completed=self._done())
+        self.student.close()  # the other ranks (if any) exit: nothing left that takes them all
         if self._done() and self.s.idle_when_done:
             log.info("max_steps reached: idle (and healthy) until stopped")
             while not stop.wait(1.0):
@@ -251,8 +240,10 @@ class LearnerWorker:
         self.ctx.heartbeat.beat("training")
         started = time.perf_counter()
         try:
-            metrics = self.trainer.step(batch)
+            metrics = self.student.step(batch)
         except Exception as error:
+            if self.student.ranks.distributed:  # the other ranks are mid-step: no retry without them
+                raise
             keep = self._drop_failing(batch, ids, error)
             return [batch[i] for i in keep], [ids[i] for i in keep]
         elapsed = time.perf_counter() - started
@@ -274,7 +265,7 @@ class LearnerWorker:
     def _drop_failing(self, batch: list[ScoredTrajectory], ids: list[bytes], error: Exception) -> list[int]:
         """Dead-letter the messages whose loss fails alone; the indices of the others. Re-raises
         `error` when no single message explains it (out of memory, a broken model)."""
-        _, failures = isolate(batch, self.trainer.probe)
+        _, failures = isolate(batch, self.student.probe)
         if not failures:
             raise error
         for i, error in failures:
@@ -294,7 +285,7 @@ class LearnerWorker:
             return  # a prompts file brings no verifier here: nothing to grade
         self.ctx.heartbeat.beat("evaluating")
         problems = make_problems(self.s.eval_problems, seed=EVAL_SEED, split="eval")
-        acc = accuracy(self.model, self.tokenizer, problems)
+        acc = accuracy(self.student.weights(), self.tokenizer, problems)
         self.lm.eval_accuracy.set(acc)
         self.stats.setdefault("eval_curve", []).append(
             {"step": self.version, "accuracy": round(acc, 4), "elapsed_s": round(time.time() - self.started_at, 2)})
@@ -333,7 +324,7 @@ class LearnerWorker:
         finished = time.time()
         with self.ctx.metrics.timed("weights"):
             epoch = self.lineage.epoch
-            path = save_version(self.model, self.s.weights_dir, self.version, epoch)
+            path = save_version(self.student.weights(), self.s.weights_dir, self.version, epoch)
             announce(self.ctx.client, self.ctx.keys, self.version, path, step_finished_at=finished, epoch=epoch)
             prune_versions(self.s.weights_dir, self.s.keep_versions, self.version, self.s.keep_versions_s, epoch)
         self.ctx.metrics.weight_version.set(self.version)
@@ -373,8 +364,8 @@ class LearnerWorker:
                  "tracker": {"trained": dict(self.tracker.trained), "dropped_stale": self.tracker.dropped_stale,
                              "dropped_foreign": self.tracker.dropped_foreign}}
         with self.ctx.metrics.timed("checkpoint"):
-            checkpoint.save(self.checkpoint_dir, self.version, self.model, self.trainer.optimizer, state,
-                            epoch=self.lineage.epoch)
+            checkpoint.save(self.checkpoint_dir, self.version, self.student.weights(), self.student.optimizer_state(),
+                            state, epoch=self.lineage.epoch)
         assert self.consumer is not None
         self.consumer.ack(self.unacked)
         self.admission.consume(self.unacked_tokens)
@@ -382,11 +373,10 @@ class LearnerWorker:
 
     def _restore(self, path) -> None:
         """Resume from a checkpoint; take over the previous learner's pending entries at once."""
-        state = checkpoint.load(path, self.model, self.trainer.optimizer)
+        state = self.student.restore(path)
         self.resumed = state
         self.version, self.consumed = state["version"], state["consumed"]
         self.stats.update(state["stats"])
-        self.trainer.steps = self.version  # the warm-up continues where it was
         self.lineage = Lineage({int(e): v for e, v in state.get("lineage", {"0": 0}).items()})
         self.lineage.restore(self.version)  # what the dead learner published after this is abandoned
         tracker = state["tracker"]
@@ -404,7 +394,7 @@ class LearnerWorker:
             self._checkpoint()
         out = Path(self.s.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out)
+        self.student.weights().save_pretrained(out)
         self.tokenizer.save_pretrained(out)
         self.ctx.client.hset(self.ctx.keys.stats, mapping={
             "status": "finished" if completed else "stopped", "output_dir": str(out.resolve())})
