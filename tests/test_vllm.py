@@ -155,6 +155,25 @@ def test_weight_reload_changes_generation(rollout, assets: dict) -> None:
         rollout.load_weights(str(Path(assets["v_a"]).parent / "v999999"))
 
 
+def test_mc_nucleus_is_vllms_top_k_top_p() -> None:
+    """The pure-torch mask the MC math is tested with (services/rollout/mc_draws.py) is vLLM's
+    own: same masked entries and values, per-row k and p mixed, on random and tied logits."""
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+
+    from services.rollout.mc_draws import nucleus
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 300, generator=gen) * 3
+    logits[1] = torch.round(logits[1])  # ties
+    p = torch.tensor([0.9, 0.5, 1.0, 0.99, 0.1, 0.75, 1.0, 0.3])
+    k = torch.tensor([300, 20, 5, 300, 300, 1, 64, 300], dtype=torch.int32)
+    for kk, pp in ((None, p), (k, None), (k, p)):
+        want = apply_top_k_top_p(logits.clone(), kk, pp)
+        got = nucleus(logits.clone(), kk, pp)
+        assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.equal(got, want)
+        assert torch.isinf(got).any()
+
+
 def trajectories(assets: dict, with_mc: bool = True) -> list[Trajectory]:
     """Synthetic trajectories of different lengths, MC ids drawn uniformly."""
     rng, out = np.random.default_rng(0), []
