@@ -1,7 +1,8 @@
-"""`opd bench [all|pipeline|codec|broadcast|memory] [--flags]`: print tables, write JSON.
+"""`opd bench [all|pipeline|codec|broadcast|memory|hooks] [--flags]`: print tables, write JSON.
 
 `memory` (services/bench/memory.py) measures one learner step and one teacher pass at
-LLM vocabulary size; `all` runs the other three.
+LLM vocabulary size; `hooks` (services/bench/hooks.py) the vLLM worker hooks' per-step
+work before vs after batching; `all` runs the other three.
 
 Starts an embedded Redis unless REDIS_URL is set. The default preset `auto` measures the
 built-in tiny models on a CPU machine and random-init ~0.5B/~1.5B models on a CUDA one;
@@ -130,8 +131,12 @@ def main(argv: list[str]) -> None:
         from services.bench.memory import main as memory_main
 
         return memory_main(argv[1:])
+    if what == "hooks":
+        from services.bench.hooks import main as hooks_main
+
+        return hooks_main(argv[1:])
     if what not in ("all", "pipeline", "codec", "broadcast"):
-        raise SystemExit("usage: opd bench [all|pipeline|codec|broadcast|memory] [--flags]")
+        raise SystemExit("usage: opd bench [all|pipeline|codec|broadcast|memory|hooks] [--flags]")
     s = CliApp.run(BenchSettings, cli_args=argv[1:] if argv and argv[0] == what else argv)
     if s.preset == "auto":
         import torch

@@ -1,0 +1,235 @@
+"""`opd bench hooks`: per-step time of the vLLM worker hooks' own work, before vs after batching.
+
+What a worker hook adds to an engine step is torch and Python of its own, so it is timed
+here without vLLM, on stand-ins of the engine's state (request states, logits, hidden
+states), at several batch sizes and vocabularies, before and after in the same run:
+
+* `mc` (rollout, mc_samples N): before = the per-row hook (services/bench/hook_references.py),
+  after = services/rollout/mc_record.py as the hook calls it (rows mapped to requests from a
+  cache, the engine's [R] temperature / top-p tensors, one `mc_step`, one packed copy; the
+  buffers filled at hand-over, whose cost is shared over the steps). Rows = requests in the
+  decode step. The time covers `steps` decode steps plus the hand-over, per step.
+* `teacher`: before = per-request scoring (one LM head, top-k and five copies per request),
+  after = services/teacher/step_scores.py (one copy in, one LM head, one packed copy out).
+  Rows = requests in the step, each with `teacher_rows` positions (a chunk of its prefill).
+
+Both sides get identical inputs and must give identical outputs (checked on every run), so
+the difference is the hooks' overhead. The LM head is a [V, hidden] matmul on random data.
+
+    opd bench hooks                                 # rows 8, 64, 256; vocab 64 and 151,936
+    opd bench hooks --device cuda --json-out benchmarks/results-hooks-gpu.json
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+
+from services.bench.main import machine
+
+
+class HooksSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OPD_BENCH_", use_attribute_docstrings=True, cli_kebab_case=True,
+                                      cli_implicit_flags=True, cli_prog_name="opd bench hooks")
+
+    rows: list[int] = Field(default_factory=lambda: [8, 64, 256])
+    """Requests per engine step."""
+    vocabs: list[int] = Field(default_factory=lambda: [64, 151936])
+    """Vocabulary sizes (the test models' and Qwen2's)."""
+    hooks: list[str] = Field(default_factory=lambda: ["mc", "teacher"])
+    """Which hooks to time."""
+    mc_samples: int = 4
+    """MC hook: N (the sampled token plus N - 1 draws); also the teacher's MC width."""
+    temperature: float = 1.0
+    """MC hook: every request's temperature."""
+    top_p: float = 1.0
+    """MC hook: every request's top-p (1: no nucleus, the engine then passes none)."""
+    steps: int = 8
+    """MC hook: decode steps per timed sequence (then one hand-over)."""
+    teacher_rows: int = 4
+    """Teacher hook: positions per request in the step."""
+    top_k: int = 64
+    """Teacher hook: top-k (capped at the vocabulary)."""
+    draws: int = 0
+    """Teacher hook: draws per position."""
+    hidden: int = 64
+    """Teacher hook: hidden size of the LM head."""
+    repeats: int = 5
+    """Timed sequences per measurement (after one warm-up); the median is reported."""
+    device: str = "auto"
+    """cpu, cuda or auto."""
+    json_out: str = "benchmarks/results-hooks.json"
+    """Where the JSON results go."""
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _median_seconds(run: Any, s: HooksSettings) -> tuple[float, Any]:
+    """Median wall time of run() over `repeats` after one warm-up; run returns (seconds, output)."""
+    _, out = run()
+    times = [run()[0] for _ in range(s.repeats)]
+    return statistics.median(times), out
+
+
+def mc_inputs(s: HooksSettings, rows: int, vocab: int) -> dict[str, Any]:
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    return {"logits": torch.randn(rows, vocab, generator=gen).mul_(3).to(s.device),
+            "sampled": torch.randint(0, vocab, (rows,), generator=gen, dtype=torch.int32).to(s.device),
+            "req_ids": [f"req-{i}" for i in range(rows)],
+            "marks": {f"req-{i}": (f"b:{i}", s.mc_samples, s.steps) for i in range(rows)}}
+
+
+def mc_before(s: HooksSettings, x: dict[str, Any]) -> tuple[float, Any]:
+    from services.bench.hook_references import PerRowMcHook
+    from services.rollout.vllm_backend import MC_TAG
+
+    requests = {rid: SimpleNamespace(output_token_ids=[], sampling_params=SimpleNamespace(
+        temperature=s.temperature, top_p=s.top_p, max_tokens=n_tok, extra_args={MC_TAG: [tag, n]}))
+        for rid, (tag, n, n_tok) in x["marks"].items()}
+    hook, seconds = PerRowMcHook(requests, seed=0), 0.0
+    for _ in range(s.steps):
+        _sync(s.device)
+        t0 = time.perf_counter()
+        hook.after_sampler(*hook.before_sampler(x["req_ids"], x["logits"]), x["sampled"])
+        seconds += time.perf_counter() - t0
+        for state in requests.values():  # the engine's bookkeeping, not the hook's
+            state.output_token_ids.append(0)
+    t0 = time.perf_counter()
+    out = hook.take([m[0] for m in x["marks"].values()])
+    return (seconds + time.perf_counter() - t0) / s.steps, out
+
+
+def mc_after(s: HooksSettings, x: dict[str, Any]) -> tuple[float, Any]:
+    import torch
+
+    from services.rollout.mc_record import McRecorder
+
+    rows, rec, seconds = len(x["req_ids"]), McRecorder(seed=0), 0.0
+    temperature = torch.full((rows,), s.temperature, device=s.device)
+    top_p = None if s.top_p >= 1.0 else torch.full((rows,), s.top_p, device=s.device)
+    prompt = np.full(rows, 16, np.int64)
+    tokens = prompt.copy()
+    for _ in range(s.steps):
+        _sync(s.device)
+        t0 = time.perf_counter()
+        slots = rec.slots_of(x["req_ids"], x["marks"].get)
+        rec.step(x["logits"].to(torch.float32, copy=True), x["sampled"], slots, tokens - prompt,
+                 temperature=temperature, top_p=top_p)
+        seconds += time.perf_counter() - t0
+        tokens += 1  # the engine's bookkeeping
+    t0 = time.perf_counter()
+    out = rec.take([m[0] for m in x["marks"].values()])
+    return (seconds + time.perf_counter() - t0) / s.steps, out
+
+
+def same_mc(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[t][0], b[t][0]) and np.array_equal(a[t][1], b[t][1])
+                                        for t in a)
+
+
+def teacher_inputs(s: HooksSettings, rows: int, vocab: int) -> dict[str, Any]:
+    import torch
+
+    gen, rng, m = torch.Generator().manual_seed(0), np.random.default_rng(0), s.teacher_rows
+    return {"hidden": torch.randn(rows * m, s.hidden, generator=gen).to(s.device),
+            "head": torch.randn(vocab, s.hidden, generator=gen).mul_(0.3).to(s.device),
+            "targets": rng.integers(0, vocab, (rows, m)),
+            "mc": rng.integers(0, vocab, (rows, m, s.mc_samples)).astype(np.int32),
+            "k": min(s.top_k, vocab)}
+
+
+def _jobs(s: HooksSettings, x: dict[str, Any]) -> list[dict[str, Any]]:
+    from services.teacher.step_scores import new_job
+
+    return [new_job(1, s.teacher_rows, x["k"], s.draws, mc) for mc in x["mc"]]
+
+
+def teacher_before(s: HooksSettings, x: dict[str, Any]) -> tuple[float, Any]:
+    from services.bench.hook_references import PerRequestTeacherHook
+
+    m, jobs = s.teacher_rows, _jobs(s, x)
+    requests = [(job, 0, np.arange(i * m, (i + 1) * m), x["targets"][i].tolist()) for i, job in enumerate(jobs)]
+    hook = PerRequestTeacherHook(seed=0)
+    _sync(s.device)
+    t0 = time.perf_counter()
+    hook.step(requests, x["hidden"], x["head"])
+    return time.perf_counter() - t0, jobs
+
+
+def teacher_after(s: HooksSettings, x: dict[str, Any]) -> tuple[float, Any]:
+    import torch
+
+    from services.teacher.step_scores import score_rows, split_rows, step_inputs, widths
+
+    m, jobs = s.teacher_rows, _jobs(s, x)
+    gen = torch.Generator(device=x["hidden"].device).manual_seed(0)
+    segments = [(job, 0, m) for job in jobs]
+    rows = [np.arange(i * m, (i + 1) * m) for i in range(len(jobs))]
+    _sync(s.device)
+    t0 = time.perf_counter()
+    inputs = torch.from_numpy(step_inputs(segments, rows, list(x["targets"]))).to(x["hidden"].device)
+    logits = torch.nn.functional.linear(x["hidden"][inputs[:, 0]], x["head"])
+    k, d = widths(segments)
+    split_rows(segments, score_rows(logits, inputs, k, d, gen).cpu().numpy(), k, d)
+    return time.perf_counter() - t0, jobs
+
+
+def same_teacher(a: list[dict], b: list[dict]) -> bool:
+    """Same top-k ids; log-probs equal to float32 rounding (one batched vs per-request matmuls)."""
+    return all(np.array_equal(x["topk_ids"], y["topk_ids"])
+               and all(np.allclose(x[f], y[f], atol=1e-5) for f in ("topk_logprobs", "sampled", "mc"))
+               for x, y in zip(a, b))
+
+
+HOOKS = {"mc": (mc_inputs, mc_before, mc_after, same_mc),
+         "teacher": (teacher_inputs, teacher_before, teacher_after, same_teacher)}
+
+
+def measure(s: HooksSettings, hook: str, rows: int, vocab: int) -> dict[str, Any]:
+    inputs, before, after, same = HOOKS[hook]
+    x = inputs(s, rows, vocab)
+    t_before, out_before = _median_seconds(lambda: before(s, x), s)
+    t_after, out_after = _median_seconds(lambda: after(s, x), s)
+    if not same(out_before, out_after):
+        raise RuntimeError(f"{hook} hook: before and after disagree at rows={rows}, vocab={vocab}")
+    return {"hook": hook, "rows": rows, "vocab": vocab, "before_ms": 1e3 * t_before, "after_ms": 1e3 * t_after,
+            "ratio": t_before / t_after}
+
+
+def main(argv: list[str]) -> None:
+    import torch
+
+    s = CliApp.run(HooksSettings, cli_args=argv)
+    if s.device == "auto":
+        s = s.model_copy(update={"device": "cuda" if torch.cuda.is_available() else "cpu"})
+    print(f"\n== hooks: per-step time of the worker hooks' own work ({s.device}, N={s.mc_samples}, "
+          f"temperature {s.temperature}, top_p {s.top_p}, {s.steps} decode steps; teacher "
+          f"{s.teacher_rows} rows/request, k={s.top_k}, draws {s.draws}; median of {s.repeats}) ==", flush=True)
+    print(f"  {'hook':<8} {'vocab':<8} {'rows':<5}  {'before ms':>10} {'after ms':>10} {'before/after':>13}")
+    results = []
+    for hook in s.hooks:
+        for vocab in s.vocabs:
+            for rows in s.rows:
+                r = measure(s, hook, rows, vocab)
+                results.append(r)
+                print(f"  {hook:<8} {vocab:<8} {rows:<5}  {r['before_ms']:10.3f} {r['after_ms']:10.3f} "
+                      f"{r['ratio']:12.2f}x", flush=True)
+    out = {"machine": machine(), "settings": s.model_dump(), "rows": results}
+    Path(s.json_out).parent.mkdir(parents=True, exist_ok=True)
+    Path(s.json_out).write_text(json.dumps(out, indent=2))
+    print(f"\nJSON written to {s.json_out}")
