@@ -62,8 +62,10 @@ class HooksSettings(BaseSettings):
     """Teacher hook: draws per position."""
     hidden: int = 64
     """Teacher hook: hidden size of the LM head."""
-    repeats: int = 5
-    """Timed sequences per measurement (after one warm-up); the median is reported."""
+    repeats: int = 7
+    """Timed runs per side and measurement (after one warm-up); the median is reported."""
+    threads: int = 1
+    """torch intra-op threads (1: the steadiest timings on a shared machine)."""
     device: str = "auto"
     """cpu, cuda or auto."""
     json_out: str = "benchmarks/results-hooks.json"
@@ -75,13 +77,6 @@ def _sync(device: str) -> None:
 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def _median_seconds(run: Any, s: HooksSettings) -> tuple[float, Any]:
-    """Median wall time of run() over `repeats` after one warm-up; run returns (seconds, output)."""
-    _, out = run()
-    times = [run()[0] for _ in range(s.repeats)]
-    return statistics.median(times), out
 
 
 def mc_inputs(s: HooksSettings, rows: int, vocab: int) -> dict[str, Any]:
@@ -120,7 +115,8 @@ def mc_after(s: HooksSettings, x: dict[str, Any]) -> tuple[float, Any]:
     from services.rollout.mc_record import McRecorder
 
     rows, rec, seconds = len(x["req_ids"]), McRecorder(seed=0), 0.0
-    temperature = torch.full((rows,), s.temperature, device=s.device)
+    # as the hook: no division when the engine's host copy of the temperatures is all 1
+    temperature = None if s.temperature == 1.0 else torch.full((rows,), s.temperature, device=s.device)
     top_p = None if s.top_p >= 1.0 else torch.full((rows,), s.top_p, device=s.device)
     prompt = np.full(rows, 16, np.int64)
     tokens = prompt.copy()
@@ -201,12 +197,17 @@ HOOKS = {"mc": (mc_inputs, mc_before, mc_after, same_mc),
 
 
 def measure(s: HooksSettings, hook: str, rows: int, vocab: int) -> dict[str, Any]:
+    """Median per-step seconds of each side over `repeats` runs, the two sides alternating
+    (so that a busy machine slows both alike), after one warm-up run of each."""
     inputs, before, after, same = HOOKS[hook]
     x = inputs(s, rows, vocab)
-    t_before, out_before = _median_seconds(lambda: before(s, x), s)
-    t_after, out_after = _median_seconds(lambda: after(s, x), s)
-    if not same(out_before, out_after):
+    if not same(before(s, x)[1], after(s, x)[1]):
         raise RuntimeError(f"{hook} hook: before and after disagree at rows={rows}, vocab={vocab}")
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(s.repeats):
+        times[0].append(before(s, x)[0])
+        times[1].append(after(s, x)[0])
+    t_before, t_after = statistics.median(times[0]), statistics.median(times[1])
     return {"hook": hook, "rows": rows, "vocab": vocab, "before_ms": 1e3 * t_before, "after_ms": 1e3 * t_after,
             "ratio": t_before / t_after}
 
@@ -217,9 +218,11 @@ def main(argv: list[str]) -> None:
     s = CliApp.run(HooksSettings, cli_args=argv)
     if s.device == "auto":
         s = s.model_copy(update={"device": "cuda" if torch.cuda.is_available() else "cpu"})
+    torch.set_num_threads(s.threads)
     print(f"\n== hooks: per-step time of the worker hooks' own work ({s.device}, N={s.mc_samples}, "
           f"temperature {s.temperature}, top_p {s.top_p}, {s.steps} decode steps; teacher "
-          f"{s.teacher_rows} rows/request, k={s.top_k}, draws {s.draws}; median of {s.repeats}) ==", flush=True)
+          f"{s.teacher_rows} rows/request, k={s.top_k}, draws {s.draws}; median of {s.repeats}, "
+          f"{s.threads} thread(s)) ==", flush=True)
     print(f"  {'hook':<8} {'vocab':<8} {'rows':<5}  {'before ms':>10} {'after ms':>10} {'before/after':>13}")
     results = []
     for hook in s.hooks:

@@ -152,15 +152,17 @@ class RolloutWorkerExtension:
 
     def _opd_mc_step(self, logits: torch.Tensor, sampled: torch.Tensor, slots: np.ndarray, meta: Any) -> None:
         """The whole batch at once, with the engine's own per-row temperature / top-k / top-p
-        tensors and its own top-k/top-p function (the kernel it just sampled with). Position
-        t = tokens generated so far, from the input batch's arrays."""
+        tensors and its own top-k/top-p function (the kernel it just sampled with); the
+        division is skipped when the batch's host copy of the temperatures is all 1 (x / 1 is
+        x). Position t = tokens generated so far, from the input batch's arrays."""
         from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
         if not meta.all_random:
             raise RuntimeError("MC draws need every request sampled (temperature > 0)")
         batch, rows = self.model_runner.input_batch, logits.shape[0]
         positions = batch.num_tokens_no_spec[:rows] - batch.num_prompt_tokens[:rows]
-        self._opd_mc.step(logits, sampled, slots, positions, temperature=meta.temperature, top_k=meta.top_k,
+        temperature = None if (batch.temperature_cpu[:rows] == 1.0).all() else meta.temperature
+        self._opd_mc.step(logits, sampled, slots, positions, temperature=temperature, top_k=meta.top_k,
                           top_p=meta.top_p, mask=apply_top_k_top_p)
 
     def opd_take_mc(self, tags: list[str]) -> dict[str, list[tuple[str, list[int], bytes]]]:
