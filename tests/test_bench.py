@@ -91,6 +91,7 @@ def test_bench_hooks_times_identical_outputs_before_and_after(tmp_path, capsys):
     r = json.loads(out.read_text())
     assert [(x["hook"], x["rows"]) for x in r["rows"]] == [("mc", 3), ("mc", 9), ("teacher", 3), ("teacher", 9)]
     for x in r["rows"]:
-        assert x["before_ms"] > 0 and x["after_ms"] > 0
+        assert x["before_ms"] > 0 and x["after_ms"] > 0 and x["before_cpu_ms"] > 0 and x["after_cpu_ms"] > 0
         assert x["ratio"] == pytest.approx(x["before_ms"] / x["after_ms"])
+        assert x["cpu_ratio"] == pytest.approx(x["before_cpu_ms"] / x["after_cpu_ms"])
     assert "before/after" in capsys.readouterr().out

@@ -15,6 +15,9 @@ states), at several batch sizes and vocabularies, before and after in the same r
 
 Both sides get identical inputs and must give identical outputs (checked on every run), so
 the difference is the hooks' overhead. The LM head is a [V, hidden] matmul on random data.
+Printed per step (medians): wall time and the process's CPU time, which a busy shared
+machine does not inflate. On CPU a `.cpu()` copy is free, so the device -> host copies and
+synchronisations the batching removes only show in a CUDA run.
 
     opd bench hooks                                 # rows 8, 64, 256; vocab 64 and 151,936
     opd bench hooks --device cuda --json-out benchmarks/results-hooks-gpu.json
@@ -72,11 +75,32 @@ class HooksSettings(BaseSettings):
     """Where the JSON results go."""
 
 
-def _sync(device: str) -> None:
-    import torch
+class Clock:
+    """Wall and process CPU seconds summed over the `with` sections (CUDA work finished at
+    both ends). The CPU time is what the section itself computed: on a shared machine it
+    does not grow while the process waits for a core, unlike the wall time."""
 
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    def __init__(self, device: str) -> None:
+        self.cuda, self.wall, self.cpu = device.startswith("cuda"), 0.0, 0.0
+
+    def _sync(self) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def __enter__(self) -> Clock:
+        self._sync()
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sync()
+        self.wall += time.perf_counter() - self._wall
+        self.cpu += time.process_time() - self._cpu
+
+    def per(self, n: int) -> tuple[float, float]:
+        return self.wall / n, self.cpu / n
 
 
 def mc_inputs(s: HooksSettings, rows: int, vocab: int) -> dict[str, Any]:
@@ -96,17 +120,15 @@ def mc_before(s: HooksSettings, x: dict[str, Any]) -> tuple[float, Any]:
     requests = {rid: SimpleNamespace(output_token_ids=[], sampling_params=SimpleNamespace(
         temperature=s.temperature, top_p=s.top_p, max_tokens=n_tok, extra_args={MC_TAG: [tag, n]}))
         for rid, (tag, n, n_tok) in x["marks"].items()}
-    hook, seconds = PerRowMcHook(requests, seed=0), 0.0
+    hook, clock = PerRowMcHook(requests, seed=0), Clock(s.device)
     for _ in range(s.steps):
-        _sync(s.device)
-        t0 = time.perf_counter()
-        hook.after_sampler(*hook.before_sampler(x["req_ids"], x["logits"]), x["sampled"])
-        seconds += time.perf_counter() - t0
+        with clock:
+            hook.after_sampler(*hook.before_sampler(x["req_ids"], x["logits"]), x["sampled"])
         for state in requests.values():  # the engine's bookkeeping, not the hook's
             state.output_token_ids.append(0)
-    t0 = time.perf_counter()
-    out = hook.take([m[0] for m in x["marks"].values()])
-    return (seconds + time.perf_counter() - t0) / s.steps, out
+    with clock:
+        out = hook.take([m[0] for m in x["marks"].values()])
+    return clock.per(s.steps), out
 
 
 def mc_after(s: HooksSettings, x: dict[str, Any]) -> tuple[float, Any]:
@@ -114,23 +136,21 @@ def mc_after(s: HooksSettings, x: dict[str, Any]) -> tuple[float, Any]:
 
     from services.rollout.mc_record import McRecorder
 
-    rows, rec, seconds = len(x["req_ids"]), McRecorder(seed=0), 0.0
+    rows, rec, clock = len(x["req_ids"]), McRecorder(seed=0), Clock(s.device)
     # as the hook: no division when the engine's host copy of the temperatures is all 1
     temperature = None if s.temperature == 1.0 else torch.full((rows,), s.temperature, device=s.device)
     top_p = None if s.top_p >= 1.0 else torch.full((rows,), s.top_p, device=s.device)
     prompt = np.full(rows, 16, np.int64)
     tokens = prompt.copy()
     for _ in range(s.steps):
-        _sync(s.device)
-        t0 = time.perf_counter()
-        slots = rec.slots_of(x["req_ids"], x["marks"].get)
-        rec.step(x["logits"].to(torch.float32, copy=True), x["sampled"], slots, tokens - prompt,
-                 temperature=temperature, top_p=top_p)
-        seconds += time.perf_counter() - t0
+        with clock:
+            slots = rec.slots_of(x["req_ids"], x["marks"].get)
+            rec.step(x["logits"].to(torch.float32, copy=True), x["sampled"], slots, tokens - prompt,
+                     temperature=temperature, top_p=top_p)
         tokens += 1  # the engine's bookkeeping
-    t0 = time.perf_counter()
-    out = rec.take([m[0] for m in x["marks"].values()])
-    return (seconds + time.perf_counter() - t0) / s.steps, out
+    with clock:
+        out = rec.take([m[0] for m in x["marks"].values()])
+    return clock.per(s.steps), out
 
 
 def same_mc(a: dict, b: dict) -> bool:
@@ -160,11 +180,10 @@ def teacher_before(s: HooksSettings, x: dict[str, Any]) -> tuple[float, Any]:
 
     m, jobs = s.teacher_rows, _jobs(s, x)
     requests = [(job, 0, np.arange(i * m, (i + 1) * m), x["targets"][i].tolist()) for i, job in enumerate(jobs)]
-    hook = PerRequestTeacherHook(seed=0)
-    _sync(s.device)
-    t0 = time.perf_counter()
-    hook.step(requests, x["hidden"], x["head"])
-    return time.perf_counter() - t0, jobs
+    hook, clock = PerRequestTeacherHook(seed=0), Clock(s.device)
+    with clock:
+        hook.step(requests, x["hidden"], x["head"])
+    return clock.per(1), jobs
 
 
 def teacher_after(s: HooksSettings, x: dict[str, Any]) -> tuple[float, Any]:
@@ -176,13 +195,12 @@ def teacher_after(s: HooksSettings, x: dict[str, Any]) -> tuple[float, Any]:
     gen = torch.Generator(device=x["hidden"].device).manual_seed(0)
     segments = [(job, 0, m) for job in jobs]
     rows = [np.arange(i * m, (i + 1) * m) for i in range(len(jobs))]
-    _sync(s.device)
-    t0 = time.perf_counter()
-    inputs = torch.from_numpy(step_inputs(segments, rows, list(x["targets"]))).to(x["hidden"].device)
-    logits = torch.nn.functional.linear(x["hidden"][inputs[:, 0]], x["head"])
-    k, d = widths(segments)
-    split_rows(segments, score_rows(logits, inputs, k, d, gen).cpu().numpy(), k, d)
-    return time.perf_counter() - t0, jobs
+    with Clock(s.device) as clock:
+        inputs = torch.from_numpy(step_inputs(segments, rows, list(x["targets"]))).to(x["hidden"].device)
+        logits = torch.nn.functional.linear(x["hidden"][inputs[:, 0]], x["head"])
+        k, d = widths(segments)
+        split_rows(segments, score_rows(logits, inputs, k, d, gen).cpu().numpy(), k, d)
+    return clock.per(1), jobs
 
 
 def same_teacher(a: list[dict], b: list[dict]) -> bool:
@@ -197,19 +215,22 @@ HOOKS = {"mc": (mc_inputs, mc_before, mc_after, same_mc),
 
 
 def measure(s: HooksSettings, hook: str, rows: int, vocab: int) -> dict[str, Any]:
-    """Median per-step seconds of each side over `repeats` runs, the two sides alternating
-    (so that a busy machine slows both alike), after one warm-up run of each."""
+    """Median per-step wall and CPU milliseconds of each side over `repeats` runs, the two
+    sides alternating (so that a busy machine slows both alike), after one warm-up each."""
     inputs, before, after, same = HOOKS[hook]
     x = inputs(s, rows, vocab)
     if not same(before(s, x)[1], after(s, x)[1]):
         raise RuntimeError(f"{hook} hook: before and after disagree at rows={rows}, vocab={vocab}")
-    times: tuple[list[float], list[float]] = ([], [])
+    runs: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
     for _ in range(s.repeats):
-        times[0].append(before(s, x)[0])
-        times[1].append(after(s, x)[0])
-    t_before, t_after = statistics.median(times[0]), statistics.median(times[1])
-    return {"hook": hook, "rows": rows, "vocab": vocab, "before_ms": 1e3 * t_before, "after_ms": 1e3 * t_after,
-            "ratio": t_before / t_after}
+        runs["before"].append(before(s, x)[0])
+        runs["after"].append(after(s, x)[0])
+    r: dict[str, Any] = {"hook": hook, "rows": rows, "vocab": vocab}
+    for side, times in runs.items():
+        r[f"{side}_ms"] = 1e3 * statistics.median(t[0] for t in times)
+        r[f"{side}_cpu_ms"] = 1e3 * statistics.median(t[1] for t in times)
+    r["ratio"], r["cpu_ratio"] = r["before_ms"] / r["after_ms"], r["before_cpu_ms"] / r["after_cpu_ms"]
+    return r
 
 
 def main(argv: list[str]) -> None:
@@ -223,15 +244,17 @@ def main(argv: list[str]) -> None:
           f"temperature {s.temperature}, top_p {s.top_p}, {s.steps} decode steps; teacher "
           f"{s.teacher_rows} rows/request, k={s.top_k}, draws {s.draws}; median of {s.repeats}, "
           f"{s.threads} thread(s)) ==", flush=True)
-    print(f"  {'hook':<8} {'vocab':<8} {'rows':<5}  {'before ms':>10} {'after ms':>10} {'before/after':>13}")
+    print(f"  {'':<23}{'wall ms per step':^36}  {'CPU ms per step':^36}")
+    print(f"  {'hook':<8} {'vocab':<8} {'rows':<5}" + f"{'before':>12} {'after':>10} {'before/after':>13}" * 2)
     results = []
     for hook in s.hooks:
         for vocab in s.vocabs:
             for rows in s.rows:
                 r = measure(s, hook, rows, vocab)
                 results.append(r)
-                print(f"  {hook:<8} {vocab:<8} {rows:<5}  {r['before_ms']:10.3f} {r['after_ms']:10.3f} "
-                      f"{r['ratio']:12.2f}x", flush=True)
+                print(f"  {hook:<8} {vocab:<8} {rows:<5}{r['before_ms']:12.3f} {r['after_ms']:10.3f} "
+                      f"{r['ratio']:12.2f}x{r['before_cpu_ms']:12.3f} {r['after_cpu_ms']:10.3f} "
+                      f"{r['cpu_ratio']:12.2f}x", flush=True)
     out = {"machine": machine(), "settings": s.model_dump(), "rows": results}
     Path(s.json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(s.json_out).write_text(json.dumps(out, indent=2))
