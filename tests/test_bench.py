@@ -80,3 +80,18 @@ def test_bench_memory_projects_dense_runs_that_cannot_fit(monkeypatch):
     r = memory.run(memory.MemorySettings(tokens=[1024, 4096], paths=["dense"], passes=["learner"], device="cpu"))
     assert all(x["skipped"] for x in r["rows"])
     assert r["rows"][1]["projected_peak_growth_bytes"] == pytest.approx(4.5 * 4096 * 151936 * 4)
+
+
+def test_bench_hooks_times_identical_outputs_before_and_after(tmp_path, capsys):
+    """Both implementations of each hook give the same results (the bench refuses to time
+    them otherwise), also with temperature, top-p and teacher draws."""
+    out = tmp_path / "hooks.json"
+    main(["hooks", "--rows", "3,9", "--vocabs", "50", "--steps", "3", "--repeats", "1", "--temperature", "0.8",
+          "--top-p", "0.9", "--draws", "2", "--json-out", str(out)])
+    r = json.loads(out.read_text())
+    assert [(x["hook"], x["rows"]) for x in r["rows"]] == [("mc", 3), ("mc", 9), ("teacher", 3), ("teacher", 9)]
+    for x in r["rows"]:
+        assert x["before_ms"] > 0 and x["after_ms"] > 0 and x["before_cpu_ms"] > 0 and x["after_cpu_ms"] > 0
+        assert x["ratio"] == pytest.approx(x["before_ms"] / x["after_ms"])
+        assert x["cpu_ratio"] == pytest.approx(x["before_cpu_ms"] / x["after_cpu_ms"])
+    assert "before/after" in capsys.readouterr().out

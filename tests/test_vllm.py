@@ -141,6 +141,31 @@ def test_mc_draws_follow_the_behaviour_distribution(rollout, assets: dict) -> No
         assert tv < np.quantile(null, 0.999), (tv, np.median(null))  # total variation vs chance
 
 
+def test_mc_draws_at_temperature_and_top_p_come_from_the_tempered_nucleus(rollout, assets: dict) -> None:
+    """Requests at temperature 0.7 / top_p 0.9 (the engine's per-row tensors and its own
+    top-k/top-p function in the MC hook): every MC id lies in the nucleus of a transformers
+    forward, and the draws carry its tempered, renormalised log-probs."""
+    from services.rollout.mc_draws import log_mu
+
+    full, rollout.s = rollout.s, rollout.s.model_copy(update={"temperature": 0.7, "top_p": 0.9})
+    try:
+        samples = rollout.generate(assets["prompts"])
+    finally:
+        rollout.s = full
+    with torch.no_grad():
+        logits = completion_logits(assets["a"], pack(assets["prompts"], [s.completion_ids_T for s in samples], 0))
+    worst, masked = 0.0, 0
+    for i, s in enumerate(samples):
+        n = len(s.completion_ids_T)
+        mu = log_mu(logits[i, :n].float().clone(), torch.full((n,), 0.7), top_p=torch.full((n,), 0.9))
+        want = mu.gather(-1, torch.from_numpy(s.mc_ids_TN).long()).numpy()
+        assert np.isfinite(want).all()  # no id outside the nucleus
+        worst, masked = max(worst, float(np.abs(s.mc_logprobs_TN[:, 1:] - want[:, 1:]).max())), masked + int(
+            torch.isinf(mu).any(-1).sum())
+    print(f"\ntempered MC max |dlogp| vs transformers: {worst:.2e} ({masked} positions truncated by top-p)")
+    assert worst < TOL and masked > 0
+
+
 def test_weight_reload_changes_generation(rollout, assets: dict) -> None:
     prompts = assets["prompts"]
     rollout.load_weights(assets["v_b"])
@@ -153,6 +178,25 @@ def test_weight_reload_changes_generation(rollout, assets: dict) -> None:
     assert max_mc_error(assets["a"], prompts, rollout.generate(prompts)) < TOL
     with pytest.raises(FileNotFoundError):
         rollout.load_weights(str(Path(assets["v_a"]).parent / "v999999"))
+
+
+def test_mc_nucleus_is_vllms_top_k_top_p() -> None:
+    """The pure-torch mask the MC math is tested with (services/rollout/mc_draws.py) is vLLM's
+    own: same masked entries and values, per-row k and p mixed, on random and tied logits."""
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+
+    from services.rollout.mc_draws import nucleus
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 300, generator=gen) * 3
+    logits[1] = torch.round(logits[1])  # ties
+    p = torch.tensor([0.9, 0.5, 1.0, 0.99, 0.1, 0.75, 1.0, 0.3])
+    k = torch.tensor([300, 20, 5, 300, 300, 1, 64, 300], dtype=torch.int32)
+    for kk, pp in ((None, p), (k, None), (k, p)):
+        want = apply_top_k_top_p(logits.clone(), kk, pp)
+        got = nucleus(logits.clone(), kk, pp)
+        assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.equal(got, want)
+        assert torch.isinf(got).any()
 
 
 def trajectories(assets: dict, with_mc: bool = True) -> list[Trajectory]:

@@ -1,9 +1,10 @@
-"""`opd bench [all|pipeline|codec|broadcast|learner|memory] [--flags]`: print tables, write JSON.
+"""`opd bench [all|pipeline|codec|broadcast|learner|memory|hooks] [--flags]`: print tables, write JSON.
 
 `memory` (services/bench/memory.py) measures one learner step and one teacher pass at
-LLM vocabulary size; `learner` (services/bench/learner.py) the learner's step time on 1 vs
-`--learner-procs N` ranks; `all` runs pipeline, codec and broadcast, and the learner
-table too when `--learner-procs` is above 1 (the pipeline's learner then runs on N ranks).
+LLM vocabulary size; `hooks` (services/bench/hooks.py) the vLLM worker hooks' per-step
+work before vs after batching; `learner` (services/bench/learner.py) the learner's step
+time on 1 vs `--learner-procs N` ranks; `all` runs pipeline, codec and broadcast, and the
+learner table too when `--learner-procs` is above 1 (the pipeline's learner then runs on N ranks).
 
 Starts an embedded Redis unless REDIS_URL is set. The default preset `auto` measures the
 built-in tiny models on a CPU machine and random-init ~0.5B/~1.5B models on a CUDA one;
@@ -162,8 +163,12 @@ def main(argv: list[str]) -> None:
         from services.bench.memory import main as memory_main
 
         return memory_main(argv[1:])
+    if what == "hooks":
+        from services.bench.hooks import main as hooks_main
+
+        return hooks_main(argv[1:])
     if what not in ("all", "pipeline", "codec", "broadcast", "learner"):
-        raise SystemExit("usage: opd bench [all|pipeline|codec|broadcast|learner|memory] [--flags]")
+        raise SystemExit("usage: opd bench [all|pipeline|codec|broadcast|learner|memory|hooks] [--flags]")
     s = CliApp.run(BenchSettings, cli_args=argv[1:] if argv and argv[0] == what else argv)
     if what == "learner" and "learner_procs" not in s.model_fields_set:
         s = s.model_copy(update={"learner_procs": 2})

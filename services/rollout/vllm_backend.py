@@ -15,14 +15,17 @@ builds a CPU environment). The design, numbers and limits are in ``docs/vllm.md`
   tempered, nucleus-renormalised distribution the token was actually drawn from -- the
   same quantity the transformers backend records (see ``Sample``).
 * MC draws (``mc_samples`` N >= 2): vLLM has no per-position extra-draw API, so a worker
-  extension wraps the V1 model runner's sampler. On every step it copies the logits rows
-  of our requests before the sampler (which edits them in place), lets the engine sample,
-  then draws N-1 ids WITH replacement from mu (temperature and vLLM's own top-p applied
-  to those very logits) with a seeded generator and stores ids + log mu at position
-  t = tokens generated so far (a discarded chunked-prefill or preempted step is simply
-  overwritten later). EXACT: no top-K truncation, no second forward pass; only the
-  [T, N] arrays cross the process boundary (``collective_rpc``). Column 0 is the sampled
-  token (checked against the engine's output) with the engine's behaviour log-prob.
+  extension wraps the V1 model runner's sampler. On every step it copies the batch's logits
+  before the sampler (which edits them in place), lets the engine sample, then, for the whole
+  batch at once (services/rollout/mc_draws.py), applies the engine's own per-row temperature
+  and top-k/top-p tensors with vLLM's own ``apply_top_k_top_p`` (the kernel the engine just
+  sampled with), draws N-1 ids per row WITH replacement from mu in one seeded multinomial and
+  gathers log mu in one op; the ids and log-probs come back to the host in ONE packed copy
+  per step, recorded against position t = tokens generated so far
+  (services/rollout/mc_record.py; a discarded chunked-prefill or preempted step is simply
+  overwritten later). EXACT: no top-K truncation, no second forward pass; only the [T, N]
+  arrays cross the process boundary (``collective_rpc``). Column 0 is the sampled token
+  (checked against the engine's output) with the engine's behaviour log-prob.
 * Weights: ``load_weights(dir)`` reads ``dir/model.safetensors`` on the worker and loads it
   into the running model through the worker's layer-wise ``reload_weights`` (which redoes
   the platform's weight processing; a tied LM head is re-processed by hand), strictly
@@ -33,7 +36,9 @@ builds a CPU environment). The design, numbers and limits are in ``docs/vllm.md`
   rollout worker stamps the version itself.
 
 Requirements the hooks rely on (set here): the V1 model runner
-(``VLLM_USE_V2_MODEL_RUNNER=0``), synchronous scheduling, no speculative decoding.
+(``VLLM_USE_V2_MODEL_RUNNER=0``), synchronous scheduling, no speculative decoding, and
+requests without penalties, logit bias, min_p or token masks (mu is then temperature and
+top-k/top-p of the raw logits, which is what the MC hook applies).
 """
 
 from __future__ import annotations
@@ -116,79 +121,53 @@ class RolloutWorkerExtension:
         """Wrap the sampler so steps of MC-tagged requests also record N-1 draws from mu."""
         import torch
 
+        from services.rollout.mc_record import McRecorder
+
         runner = self.model_runner
         sampler = getattr(runner, "sampler", None)
         if sampler is None or not hasattr(runner, "input_batch"):
             raise RuntimeError("MC recording needs vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
         if getattr(sampler, "_opd_wrapped", False):
             return
-        self._opd_mc: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._opd_seed, self._opd_gen = seed, None
+        self._opd_mc = McRecorder(seed)
         inner = sampler.forward
 
         def forward(logits: torch.Tensor, sampling_metadata: Any, *args: Any, **kwargs: Any) -> Any:
-            rows = self._opd_mc_rows(logits.shape[0])
-            if not rows:
+            slots = self._opd_mc.slots_of(runner.input_batch.req_ids[:logits.shape[0]], self._opd_mc_mark)
+            if not (slots >= 0).any():
                 return inner(logits, sampling_metadata, *args, **kwargs)
-            idx = logits.new_tensor([r[0] for r in rows], dtype=torch.long)
-            saved = logits.index_select(0, idx).float()  # a copy: the sampler edits logits in place
+            saved = logits.to(torch.float32, copy=True)  # the sampler edits logits in place
             out = inner(logits, sampling_metadata, *args, **kwargs)
-            self._opd_mc_record(rows, saved, out.sampled_token_ids.index_select(0, idx)[:, 0])
+            self._opd_mc_step(saved, out.sampled_token_ids[:, 0], slots, sampling_metadata)
             return out
 
         sampler.forward, sampler._opd_wrapped = forward, True
 
-    def _opd_mc_rows(self, num_rows: int) -> list[tuple[int, str, int, int, Any]]:
-        """(logits row, tag, position t, N, sampling params) of the MC-tagged requests."""
-        runner, rows = self.model_runner, []
-        for i, req_id in enumerate(runner.input_batch.req_ids[:num_rows]):
-            state = runner.requests.get(req_id) if req_id is not None else None
-            params = getattr(state, "sampling_params", None)
-            mark = (params.extra_args or {}).get(MC_TAG) if params is not None else None
-            if mark is not None:
-                rows.append((i, str(mark[0]), len(state.output_token_ids), int(mark[1]), params))
-        return rows
+    def _opd_mc_mark(self, req_id: str | None) -> tuple[str, int, int] | None:
+        """(tag, N, max_tokens) of an MC-tagged request, None for any other (first sight only)."""
+        state = self.model_runner.requests.get(req_id) if req_id is not None else None
+        params = getattr(state, "sampling_params", None)
+        mark = (params.extra_args or {}).get(MC_TAG) if params is not None else None
+        return None if mark is None else (str(mark[0]), int(mark[1]), int(params.max_tokens or 0))
 
-    def _opd_mc_record(self, rows: list, logits: torch.Tensor, sampled: torch.Tensor) -> None:
-        import torch
-
-        lp = self._opd_mu(logits, [r[4] for r in rows])
-        if self._opd_gen is None or self._opd_gen.device != lp.device:
-            self._opd_gen = torch.Generator(device=lp.device).manual_seed(self._opd_seed)
-        n = max(r[3] for r in rows)
-        draws = torch.multinomial(lp.exp(), n - 1, replacement=True, generator=self._opd_gen)
-        ids = torch.cat([sampled.long()[:, None], draws], 1)
-        ids_np = ids.cpu().numpy().astype(np.int32)
-        lps_np = lp.gather(1, ids).cpu().numpy()
-        for r, (_, tag, t, n_r, params) in enumerate(rows):
-            if tag not in self._opd_mc:
-                size = int(params.max_tokens or 0)
-                self._opd_mc[tag] = (np.full((size, n_r), -1, np.int32),
-                                     np.zeros((size, n_r), np.float32))
-            buf_ids, buf_lps = self._opd_mc[tag]
-            if t < buf_ids.shape[0]:
-                buf_ids[t], buf_lps[t] = ids_np[r, :n_r], lps_np[r, :n_r]
-
-    @staticmethod
-    def _opd_mu(logits: torch.Tensor, params: list[Any]) -> torch.Tensor:
-        """log mu: temperature, then vLLM's own top-p (so draws follow the engine's nucleus)."""
-        import torch
-
-        temps = [float(p.temperature) for p in params]
-        top_ps = [float(p.top_p) for p in params]
-        if all(t == 1.0 for t in temps) and all(p >= 1.0 for p in top_ps):
-            return torch.log_softmax(logits, dim=-1)
+    def _opd_mc_step(self, logits: torch.Tensor, sampled: torch.Tensor, slots: np.ndarray, meta: Any) -> None:
+        """The whole batch at once, with the engine's own per-row temperature / top-k / top-p
+        tensors and its own top-k/top-p function (the kernel it just sampled with); the
+        division is skipped when the batch's host copy of the temperatures is all 1 (x / 1 is
+        x). Position t = tokens generated so far, from the input batch's arrays."""
         from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
-        scaled = logits / logits.new_tensor(temps)[:, None]
-        p = None if all(x >= 1.0 for x in top_ps) else logits.new_tensor(top_ps)
-        return torch.log_softmax(apply_top_k_top_p(scaled, None, p), dim=-1)
+        if not meta.all_random:
+            raise RuntimeError("MC draws need every request sampled (temperature > 0)")
+        batch, rows = self.model_runner.input_batch, logits.shape[0]
+        positions = batch.num_tokens_no_spec[:rows] - batch.num_prompt_tokens[:rows]
+        temperature = None if (batch.temperature_cpu[:rows] == 1.0).all() else meta.temperature
+        self._opd_mc.step(logits, sampled, slots, positions, temperature=temperature, top_k=meta.top_k,
+                          top_p=meta.top_p, mask=apply_top_k_top_p)
 
     def opd_take_mc(self, tags: list[str]) -> dict[str, list[tuple[str, list[int], bytes]]]:
         """Hand over (and forget) the recorded [max_tokens, N] id / log-prob buffers of `tags`."""
-        out = {tag: [to_wire(a) for a in self._opd_mc[tag]] for tag in tags if tag in self._opd_mc}
-        self._opd_mc.clear()  # also drops leftovers of aborted requests
-        return out
+        return {tag: [to_wire(a) for a in arrays] for tag, arrays in self._opd_mc.take(tags).items()}
 
 
 class VLLMRollout:

@@ -10,7 +10,9 @@ but not log p of arbitrary per-position ids (the MC ids; 0.32's
 ``prompt_logprob_token_ids`` needs the V2 model runner, unavailable on CPU), so a worker
 extension wraps the V1 model runner's prompt-logprob step: for the rows that predict
 completion tokens it applies the LM head to the same hidden states, takes ONE float32
-log_softmax and from it gathers, exactly like services/teacher/scorer.py:
+log_softmax and from it gathers, exactly like services/teacher/scorer.py (a whole engine
+step at once, services/teacher/step_scores.py: one copy of the row indices, targets and MC
+ids to the device, one logits computation, one packed copy of the results back):
 
 * top-k ids + log-probs (descending), tail mass 1 - sum_topk p,
 * log p of the sampled tokens (the actual next prompt tokens),
@@ -31,9 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from services.teacher.step_scores import new_job, score_rows, split_rows, step_inputs, widths
 from shared.vllm_engine import (checkpoint_dtype, from_wire, merge_replies, require_tested_vllm, shutdown, to_wire,
                                  use_v1_runner)
-from shared.wire import tail_mass
 
 if TYPE_CHECKING:
     import torch
@@ -44,20 +46,6 @@ if TYPE_CHECKING:
 SCORE_TAG = "opd_score"  # SamplingParams.extra_args key naming a staged scoring job
 EXTENSION = f"{__name__}.TeacherWorkerExtension"
 FIELDS = ("topk_ids", "topk_logprobs", "tail_mass", "sampled", "mc", "draw_ids", "draw_logprobs")
-
-
-def new_job(prompt_len: int, num_tokens: int, top_k: int, draws: int,
-            mc_ids: np.ndarray | None) -> dict[str, Any]:
-    """Output buffers for one trajectory (filled row by row, possibly over several chunks)."""
-    t = num_tokens
-    return {
-        "prompt_len": prompt_len, "filled": 0, "mc_ids": mc_ids,
-        "topk_ids": np.zeros((t, top_k), np.int32), "topk_logprobs": np.zeros((t, top_k), np.float32),
-        "tail_mass": np.zeros(t, np.float32), "sampled": np.zeros(t, np.float32),
-        "mc": None if mc_ids is None else np.zeros(mc_ids.shape, np.float32),
-        "draw_ids": np.zeros((t, draws), np.int32) if draws else None,
-        "draw_logprobs": np.zeros((t, draws), np.float32) if draws else None,
-    }
 
 
 class TeacherWorkerExtension:
@@ -92,31 +80,22 @@ class TeacherWorkerExtension:
                         num_scheduled_tokens: dict[str, int]) -> None:
         """Same bookkeeping as the runner: this step computed positions [start, start + n)
         of each request; row r predicts token r + 1, completion token t is row P - 1 + t.
-        The whole step is scored at once: one logits computation over every staged row,
-        top-k, gathers and draws on the device, one transfer back (floats, then ints)."""
+        The whole step is scored at once (services/teacher/step_scores.py): one copy of the
+        row indices, targets and MC ids to the device, one logits computation over every
+        staged row, top-k, gathers and draws on the device, one packed copy back."""
         import torch
 
         segments, rows, targets = self._opd_rows(num_scheduled_tokens)
         if not segments:
             return
-        idx = torch.from_numpy(np.concatenate(rows)).to(hidden_states.device)
-        logits = self.model_runner.model.compute_logits(hidden_states[idx])
+        inputs = torch.from_numpy(step_inputs(segments, rows, targets)).to(hidden_states.device)
+        logits = self.model_runner.model.compute_logits(hidden_states[inputs[:, 0]])
         if logits is None:  # a tensor-parallel rank that does not hold the gathered logits
             return
-        lp = torch.log_softmax(logits.float(), dim=-1)
-        k = max(job["topk_ids"].shape[1] for job, _, _ in segments)
-        d = max(0 if job["draw_ids"] is None else job["draw_ids"].shape[1] for job, _, _ in segments)
-        top_lp, top_ids = lp.topk(k, dim=-1)
-        sampled = lp.gather(-1, torch.from_numpy(np.concatenate(targets)).to(lp.device)[:, None])
-        mc_lp = self._opd_gather_mc(lp, segments)
-        floats, ints = [top_lp, sampled, mc_lp], [top_ids]
-        if d:
-            if self._opd_gen is None or self._opd_gen.device != lp.device:
-                self._opd_gen = torch.Generator(device=lp.device).manual_seed(self._opd_seed)
-            draws = torch.multinomial(lp.exp(), d, replacement=True, generator=self._opd_gen)
-            floats.append(lp.gather(-1, draws))
-            ints.append(draws)
-        self._opd_split(segments, torch.cat(floats, 1).cpu().numpy(), torch.cat(ints, 1).cpu().numpy(), k, d)
+        k, d = widths(segments)
+        if d and (self._opd_gen is None or self._opd_gen.device != logits.device):
+            self._opd_gen = torch.Generator(device=logits.device).manual_seed(self._opd_seed)
+        split_rows(segments, score_rows(logits, inputs, k, d, self._opd_gen).cpu().numpy(), k, d)
 
     def _opd_rows(self, num_scheduled_tokens: dict[str, int]) -> tuple[list, list[np.ndarray], list[np.ndarray]]:
         """(job, first completion row, rows) per staged request in this step, the hidden-state
@@ -139,40 +118,6 @@ class TeacherWorkerExtension:
             rows.append(np.arange(base + lo, base + hi))
             targets.append(np.asarray(state.prompt_token_ids[lo + 1: hi + 1], np.int64))
         return segments, rows, targets
-
-    @staticmethod
-    def _opd_gather_mc(lp: torch.Tensor, segments: list) -> torch.Tensor:
-        """log p of every row's MC ids in one gather ([rows, N]; rows of jobs without MC read id 0)."""
-        import torch
-
-        width = max((job["mc_ids"].shape[1] for job, _, _ in segments if job["mc_ids"] is not None), default=0)
-        ids = np.zeros((lp.shape[0], width), np.int64)
-        row = 0
-        for job, t0, n in segments:
-            if job["mc_ids"] is not None:
-                ids[row:row + n, :job["mc_ids"].shape[1]] = job["mc_ids"][t0:t0 + n]
-            row += n
-        return lp.gather(-1, torch.from_numpy(ids).to(lp.device))
-
-    @staticmethod
-    def _opd_split(segments: list, floats: np.ndarray, ints: np.ndarray, k: int, d: int) -> None:
-        """Write the step's results into each job's rows (as scorer.py fills them)."""
-        width = floats.shape[1] - k - 1 - d  # columns: top-k, sampled, MC, draws
-        row = 0
-        for job, t0, n in segments:
-            f, i, t1 = floats[row:row + n], ints[row:row + n], t0 + n
-            kj = job["topk_ids"].shape[1]
-            job["topk_logprobs"][t0:t1], job["topk_ids"][t0:t1] = f[:, :kj], i[:, :kj]
-            job["tail_mass"][t0:t1] = tail_mass(f[:, :kj])
-            job["sampled"][t0:t1] = f[:, k]
-            if job["mc"] is not None:
-                job["mc"][t0:t1] = f[:, k + 1:k + 1 + job["mc"].shape[1]]
-            if job["draw_ids"] is not None:
-                dj = job["draw_ids"].shape[1]
-                job["draw_logprobs"][t0:t1] = f[:, k + 1 + width:k + 1 + width + dj]
-                job["draw_ids"][t0:t1] = i[:, k:k + dj]
-            job["filled"] += n
-            row += n
 
     def opd_take(self, tags: list[str]) -> dict[str, dict[str, Any]]:
         """Hand over (and forget) finished jobs; a job with only some rows scored is an error
