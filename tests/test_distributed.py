@@ -186,7 +186,7 @@ def test_the_restarted_learner_trains_every_trajectory_exactly_once(scenario: Sc
     stats = {k.decode(): v.decode() for k, v in s.client.hgetall(s.b.stats).items()}
     assert len(state["consumed"]) == int(stats["trained_trajectories"]) == STEPS * BATCH
     outcome = accounting(s.client, s.b, state["consumed"])
-    assert outcome["trained_once"] == outcome["trajectories_produced"] == STEPS * BATCH, outcome
+    assert outcome["trained"] == outcome["trajectories_produced"] == STEPS * BATCH, outcome
 
 
 @pytest.mark.parametrize("run", ["a", "b"])
