@@ -4,6 +4,7 @@
 #   scripts/compose-e2e.sh                     # uses the engine DOCKER_HOST / the default socket points at
 #   scripts/compose-e2e.sh --start-engine      # starts its own dockerd (root), stops it at the end
 #   STANDIN=1 scripts/compose-e2e.sh           # air-gapped: Debian stand-in bases + host-built wheels
+#   E2E_LEARNER_PROCS=2 scripts/compose-e2e.sh # the same with a 2-rank torchrun learner
 #
 # Brings up redis, learner, teacher, rollout and Prometheus (and Grafana when its image is
 # there) from docker-compose.yml + deploy/docker-compose.cpu.yml under project $E2E_PROJECT,
@@ -99,6 +100,7 @@ pick_images() {
 bring_up() {
   export REDIS_PASSWORD=${REDIS_PASSWORD:-$(python3 -c 'import secrets; print(secrets.token_hex(16))')}
   export OPD_RUN=e2e OPD_LEARNER_MAX_STEPS=0 OPD_LEARNER_BATCH_SIZE=$BATCH
+  export OPD_LEARNER_PROCS=${E2E_LEARNER_PROCS:-1}   # >1: the torchrun learner (gloo ranks on CPU)
   local t0=$SECONDS
   compose build >"$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log" >&2; exit 1; }
   BUILD_S=$((SECONDS - t0)); t0=$SECONDS
@@ -160,8 +162,10 @@ check_crash() {
   wait_for 120 "a checkpoint past version 10" version_above 12 || true
   local before pid v
   before=$(restarts)
-  # the learner's own process (a child of the container's init), by its host PID
-  pid=$(docker top "$(learner_container)" -eo pid,args | awk '/opd-learner/ && !/docker-init/ {print $1; exit}')
+  # the learner's own process by its host PID: opd-learner, or with N ranks the last rank
+  # (torchrun then stops the others and exits non-zero)
+  pid=$(docker top "$(learner_container)" -eo pid,args |
+        awk '(/opd-learner/ || /-m services.learner/) && !/docker-init/ && !/torch.distributed.run/ {p=$1} END {print p}')
   v=$(learner_version)
   kill -9 "$pid"
   log "killed the learner (host pid $pid) at version ${v%.*}"

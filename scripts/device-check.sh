@@ -6,9 +6,12 @@
 # imports, the vLLM engines: the pipeline with both vLLM backends (the rollout with 4 MC
 # samples, so the MC hook runs) and, when pytest imports too, the vLLM exactness tests
 # (tests/test_vllm.py, all but the demo). When vLLM does not import, the summary says so and
-# why. About 8-12 minutes on an H200.
+# why. About 8-12 minutes on an H200 in all: more than one 600 s device call, so it runs as
+# two parts (each call well inside 600 s):
 #
-#   scripts/device-check.sh OUT_DIR [WHEEL_DIR]
+#   DEVICE_CHECK_PART=core scripts/device-check.sh OUT_DIR [WHEEL_DIR]   # memory, pipeline, hooks (<= 400 s)
+#   DEVICE_CHECK_PART=vllm scripts/device-check.sh OUT_DIR [WHEEL_DIR]   # the vLLM engines (<= 480 s)
+#   scripts/device-check.sh OUT_DIR [WHEEL_DIR]                          # both, where no call limit applies
 #
 # OUT_DIR receives memory-gpu.json, pipeline-gpu.json, hooks-gpu.json (+ pipeline-gpu-vllm.json),
 # a log of each step and summary.txt. WHEEL_DIR: wheels of the project's other dependencies
@@ -74,10 +77,15 @@ if [ "${OPD_DEVICE_CHECK_CPU:-0}" = 1 ]; then
   exit "$status"
 fi
 python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')" || exit 1
-# 0.5B-shaped student and teacher: chunked 4k/16k/64k tokens; dense where it fits (bf16 as on GPUs)
-bench memory-gpu 200 memory --device cuda --size 0.5b --dtype bfloat16 --tokens 4096,16384,65536 \
-  --json-out "$out/memory-gpu.json"
-bench pipeline-gpu 200 pipeline --preset gpu --json-out "$out/pipeline-gpu.json"
-bench hooks-gpu 90 hooks --device cuda --json-out "$out/hooks-gpu.json"
-vllm_engines 240 --preset gpu  # two runs (sync, async), each starting both engines
+part=${DEVICE_CHECK_PART:-all}
+if [ "$part" != vllm ]; then
+  # 0.5B-shaped student and teacher: chunked 4k/16k/64k tokens; dense where it fits (bf16 as on GPUs)
+  bench memory-gpu 160 memory --device cuda --size 0.5b --dtype bfloat16 --tokens 4096,16384,65536 \
+    --json-out "$out/memory-gpu.json"
+  bench pipeline-gpu 160 pipeline --preset gpu --json-out "$out/pipeline-gpu.json"
+  bench hooks-gpu 80 hooks --device cuda --json-out "$out/hooks-gpu.json"
+fi
+if [ "$part" != core ]; then
+  vllm_engines 240 --preset gpu  # two runs (sync, async), each starting both engines; tests: 240 s
+fi
 exit "$status"

@@ -186,3 +186,16 @@ def test_recorder_ignores_steps_without_tagged_rows() -> None:
     np.testing.assert_array_equal(slots, [-1, -1])
     rec.step(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), slots, np.zeros(2, np.int64))
     assert rec.steps == [] and rec.generator is None and rec.take(["x"]) == {}
+
+
+def test_recorder_takes_a_wider_request_joining_mid_batch() -> None:
+    """Steps recorded at width 2, then a request with N 4 joins: each step unpacks at its own width."""
+    requests = {"r0": ("a", 2, 3), "r1": ("b", 4, 3)}
+    rec, calls, logits = McRecorder(seed=0), [], torch.randn(2, 9)
+    recorder_step(rec, requests, ["r0"], [0], [1], logits[:1], calls)
+    recorder_step(rec, requests, ["r0", "r1"], [1, 0], [2, 3], logits, calls)
+    out = rec.take(["a", "b"])
+    assert out["a"][0].shape == (3, 2) and out["b"][0].shape == (3, 4)
+    np.testing.assert_array_equal(out["a"][0][:, 0], [1, 2, -1])
+    np.testing.assert_array_equal(out["b"][0][:, 0], [3, -1, -1])
+    assert (out["b"][0][0] >= 0).all()

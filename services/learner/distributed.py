@@ -13,8 +13,9 @@ per-rank tensors, and gathering per-rank metrics.
 
 A rank that dies takes the learner down: torchrun sees the exit at once, sends the other
 ranks SIGTERM (and SIGKILL after its --shutdown-timeout, 30 s), and exits non-zero; a
-survivor's next collective fails (gloo reports the closed connection at once; NCCL after
-`dist_timeout_s`) and `abort` ends it with one line saying so. Nothing is acked without a
+survivor's next collective fails (gloo reports the closed connection at once and `abort`
+ends it with one line saying so; with NCCL torchrun's signals end it, or NCCL's watchdog
+aborts the process after `dist_timeout_s`). Nothing is acked without a
 checkpoint, and a checkpoint needs every rank, so the supervisor's restart (compose
 `restart: on-failure`, Kubernetes) resumes from the newest checkpoint and trains nothing twice.
 """

@@ -24,6 +24,8 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +96,23 @@ class Student:
             self.plain.load_state_dict(sharding.full_model_state(self.trainer.forward))
             self._stale = False
         return self.plain
+
+    @contextmanager
+    def evaluated(self) -> Iterator[torch.nn.Module]:
+        """The current weights for a held-out evaluation, on this rank's device: over N GPU
+        ranks rank 0's CPU copy visits its GPU for the evaluation (greedy generation on the
+        CPU would be slow, and the other ranks wait in a collective meanwhile)."""
+        model = self.weights()
+        if not self.ranks.distributed or self.ranks.device == "cpu":
+            yield model
+            return
+        self._command("idle")  # the others' collective timeout starts now, not at the last step
+        model.to(self.ranks.device)
+        try:
+            yield model
+        finally:
+            model.to("cpu")
+            self._command("idle")
 
     def optimizer_state(self) -> dict[str, Any]:
         """AdamW's state_dict as one process has it (rank 0; over N ranks gathered)."""

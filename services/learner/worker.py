@@ -285,7 +285,8 @@ class LearnerWorker:
             return  # a prompts file brings no verifier here: nothing to grade
         self.ctx.heartbeat.beat("evaluating")
         problems = make_problems(self.s.eval_problems, seed=EVAL_SEED, split="eval")
-        acc = accuracy(self.student.weights(), self.tokenizer, problems)
+        with self.student.evaluated() as model:
+            acc = accuracy(model, self.tokenizer, problems)
         self.lm.eval_accuracy.set(acc)
         self.stats.setdefault("eval_curve", []).append(
             {"step": self.version, "accuracy": round(acc, 4), "elapsed_s": round(time.time() - self.started_at, 2)})

@@ -41,9 +41,10 @@ def scatter(steps: list[Step], num_slots: int, max_tokens: int, width: int) -> t
     lps = np.zeros((num_slots, max_tokens, width), np.float32)
     for slots, positions, packed in steps:
         keep = positions < max_tokens
-        step_ids, step_lps = unpack(packed[keep], width)
-        ids[slots[keep], positions[keep]] = step_ids
-        lps[slots[keep], positions[keep]] = step_lps
+        n = packed.shape[1] // 2  # this step's width (ids then log mu): a wider N may join later
+        step_ids, step_lps = unpack(packed[keep], n)
+        ids[slots[keep], positions[keep], :n] = step_ids
+        lps[slots[keep], positions[keep], :n] = step_lps
     return ids, lps
 
 
