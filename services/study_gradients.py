@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 class GradientSettings(BaseModel):
     gradients: bool = False
     """Also run the gradient bias-variance analysis (gradients.json, table.md)."""
-    grad_prefixes: int = 512
+    grad_prefixes: int = 256
     """Fixed prefixes (sampled once from the behaviour student)."""
     grad_minibatch: int = 32
     """Prefixes per minibatch: statistics are over grad_prefixes / grad_minibatch minibatches."""
@@ -107,12 +107,14 @@ def estimator_gradient(model: torch.nn.Module, batch, objective_cfg, pad_id: int
     return flat_grad(objective(x, objective_cfg).loss, params)
 
 
-def rows(estimators: list[str], top_ks: list[int], mcs: list[int]) -> dict[str, tuple[str, int | None, int | None]]:
-    """Row name -> (variant, k, N): the study's variants (VCPO only rescales the rate: left
-    out), then the top-k and MC-count sweeps."""
-    out = {e: (e, None, None) for e in estimators if not e.endswith("+vcpo")}
-    out.update({f"fkl_topk@{k}": ("fkl_topk", k, None) for k in top_ks})
-    out.update({f"rkl_support@{k}": ("rkl_support", k, None) for k in top_ks})
+def rows(estimators: list[str], top_ks: list[int], mcs: list[int],
+         mc_samples: int = 4) -> dict[str, tuple[str, int | None, int]]:
+    """Row name -> (variant, k, N): the study's variants as trained (VCPO only rescales the
+    rate: left out; rkl_mc with the study's mc_samples, the others on the sampled token),
+    then the top-k and MC-count sweeps."""
+    out = {e: (e, None, mc_samples if e == "rkl_mc" else 1) for e in estimators if not e.endswith("+vcpo")}
+    out.update({f"fkl_topk@{k}": ("fkl_topk", k, 1) for k in top_ks})
+    out.update({f"rkl_support@{k}": ("rkl_support", k, 1) for k in top_ks})
     out.update({f"rkl_mc@{n}": ("rkl_mc", None, n) for n in mcs})
     return out
 
@@ -166,9 +168,9 @@ def run_gradients(s: StudySettings, models: Models, lrs: dict[str, float]) -> di
     vocab = int(model.get_output_embeddings().weight.shape[0])
     problems = make_problems(s.grad_prefixes, seed=777, split="train")
     torch.manual_seed(1)
-    prefixes, _, _ = scored_batch(models, model, problems, 0, max(s.grad_mc), vocab)
+    prefixes, _, _ = scored_batch(models, model, problems, 0, max(*s.grad_mc, s.mc_samples), vocab)
     mbs = [prefixes[i:i + s.grad_minibatch] for i in range(0, len(prefixes), s.grad_minibatch)]
-    table = rows(s.estimators, [k for k in s.grad_topk if k <= vocab], s.grad_mc)
+    table = rows(s.estimators, [k for k in s.grad_topk if k <= vocab], s.grad_mc, s.mc_samples)
     pad = models.tokenizer.pad_token_id
     result: dict[str, Any] = {"staleness": s.staleness, "minibatches": len(mbs), "rows": {n: {} for n in table}}
     for k in s.staleness:
@@ -176,7 +178,7 @@ def run_gradients(s: StudySettings, models: Models, lrs: dict[str, float]) -> di
         exact = [exact_gradient(model, mb, pad) for mb in mbs]
         for name, (spec, top, n) in table.items():
             cfg = parse_variant(spec)[1]
-            est = [estimator_gradient(model, truncate(mb, top, n if spec == "rkl_mc" else 1), cfg, pad) for mb in mbs]
+            est = [estimator_gradient(model, truncate(mb, top, n), cfg, pad) for mb in mbs]
             result["rows"][name][str(k)] = statistics(est, exact)
         print(f"gradients: staleness {k} done ({len(table)} rows x {len(mbs)} minibatches)", flush=True)
     return result

@@ -91,7 +91,13 @@ def gradient_table(gradients: dict[str, Any] | None) -> str:
         cells = [f"{by_k[str(k)]['cos_mean']:.3f} ± {by_k[str(k)]['cos_std']:.3f} / "
                  f"{by_k[str(k)]['rel_var']:.2f}" for k in ks]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    lines += ["", "Bias: cosine of the minibatch-averaged gradients / squared bias ||E(g - g*)||^2 / E||g*||^2.", "",
+              "| estimator | " + " | ".join(f"s={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for name, by_k in gradients["rows"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{by_k[str(k)]['cos_of_mean']:.3f} / {by_k[str(k)]['rel_bias2']:.3f}"
+                                                for k in ks) + " |")
+    return f"{gradients['minibatches']} minibatches of fixed prefixes; cos mean ± std over minibatches / " \
+        "relative variance E||e - Ee||^2 / E||g*||^2 of the error e = g - g*.\n\n" + "\n".join(lines) + "\n"
 
 
 def plot(s: StudySettings, runs: list[dict[str, Any]], x_key: str, path: Path) -> None:
@@ -133,13 +139,17 @@ def write_report(s: StudySettings, runs: list[dict[str, Any]],
     save_results(s, runs)
     if gradients:
         (out / "gradients.json").write_text(json.dumps(gradients, separators=(",", ":")))
+    from services.study_claims import claims_markdown
+
     parts = [("Learning-rate sweep at staleness 0 (bold: chosen)", sweep_table(runs)),
-             ("Final accuracy", final_table(s, runs)),
-             ("Gradient cosine with the exact reverse-KL gradient", gradient_table(gradients))]
+             ("Final accuracy", final_table(s, runs) if runs else ""),
+             ("Gradient cosine with the exact reverse-KL gradient", gradient_table(gradients)),
+             ("The paper's claims", claims_markdown(s, runs, gradients) if runs else "")]
     table = "\n".join(f"## {title}\n\n{body}" for title, body in parts if body)
     (out / "table.md").write_text(table)
-    plot(s, runs, "step", out / "accuracy_vs_steps.png")
-    plot(s, runs, "async_s", out / "accuracy_vs_time.png")
+    if runs:
+        plot(s, runs, "step", out / "accuracy_vs_steps.png")
+        plot(s, runs, "async_s", out / "accuracy_vs_time.png")
     print(table)
     print(f"report written to {out}/")
     return runs
