@@ -130,6 +130,31 @@ def plot(s: StudySettings, runs: list[dict[str, Any]], x_key: str, path: Path) -
     plt.close(fig)
 
 
+def plot_gradients(gradients: dict[str, Any], path: Path) -> None:
+    """Cosine with the exact reverse-KL gradient vs staleness: the variants, then the k and N sweeps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks, by = gradients["staleness"], gradients["rows"]
+    groups = [[n for n in by if "@" not in n], [n for n in by if n.startswith(("fkl_topk@", "rkl_support@"))],
+              [n for n in by if n.startswith("rkl_mc@")]]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6), sharey=True)
+    for ax, names, title in zip(axes, groups, ["variants", "top-k cache size k", "MC samples N"]):
+        for n in names:
+            ax.errorbar(ks, [by[n][str(k)]["cos_mean"] for k in ks], [by[n][str(k)]["cos_std"] for k in ks],
+                        marker="o", ms=3, capsize=2, label=n)
+        ax.set_title(title)
+        ax.set_xlabel("staleness (steps)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    axes[0].set_ylabel("cosine with exact reverse-KL gradient")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def write_report(s: StudySettings, runs: list[dict[str, Any]],
                  gradients: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """results.json (compact), table.md (sweep, accuracy, gradients) and the two plots."""
@@ -139,6 +164,7 @@ def write_report(s: StudySettings, runs: list[dict[str, Any]],
     save_results(s, runs)
     if gradients:
         (out / "gradients.json").write_text(json.dumps(gradients, separators=(",", ":")))
+        plot_gradients(gradients, out / "gradient_cosine.png")
     from services.study_claims import claims_markdown
 
     parts = [("Learning-rate sweep at staleness 0 (bold: chosen)", sweep_table(runs)),
