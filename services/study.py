@@ -238,7 +238,8 @@ def load_merged(dirs: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any] |
     """All runs of these report folders (a run kept once) and their gradient results, if any."""
     runs, seen, gradients = [], set(), None
     for d in dirs:
-        for r in json.loads((Path(d) / "results.json").read_text())["runs"]:
+        results = Path(d) / "results.json"
+        for r in json.loads(results.read_text())["runs"] if results.exists() else []:
             key = (r["estimator"], r["staleness"], r["seed"], r["lr"])
             if key not in seen:
                 seen.add(key)

@@ -120,14 +120,18 @@ def rows(estimators: list[str], top_ks: list[int], mcs: list[int],
 
 
 def statistics(est: list[torch.Tensor], exact: list[torch.Tensor]) -> dict[str, float]:
-    """Cosine mean / std over minibatches, relative variance and squared bias of g - g*, cosine of means."""
+    """Cosine mean / std over minibatches, relative variance and squared bias (unbiased:
+    ||mean e||^2 minus the variance of the mean) of e = g - g*, cosine of the means."""
     g, gs = torch.stack(est), torch.stack(exact)
     cos = torch.nn.functional.cosine_similarity(g, gs, dim=1)
     err = g - gs
     scale = (gs ** 2).sum(1).mean()
+    m = len(est)
+    # ||mean e||^2 overstates the squared bias by the variance of the mean; subtract its unbiased estimate
+    var_of_mean = ((err - err.mean(0)) ** 2).sum() / (m * (m - 1)) if m > 1 else 0.0
     return {"cos_mean": float(cos.mean()), "cos_std": float(cos.std(unbiased=False)),
             "rel_var": float(((err - err.mean(0)) ** 2).sum(1).mean() / scale),
-            "rel_bias2": float((err.mean(0) ** 2).sum() / scale),
+            "rel_bias2": float(((err.mean(0) ** 2).sum() - var_of_mean) / scale),
             "cos_of_mean": float(torch.nn.functional.cosine_similarity(g.mean(0), gs.mean(0), dim=0))}
 
 

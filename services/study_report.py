@@ -124,7 +124,7 @@ def plot(s: StudySettings, runs: list[dict[str, Any]], x_key: str, path: Path) -
     for ax in axes.flat[len(s.estimators):]:
         ax.axis("off")
     axes[0][0].set_ylabel("eval accuracy")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
