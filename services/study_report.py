@@ -111,13 +111,13 @@ def plot(s: StudySettings, runs: list[dict[str, Any]], x_key: str, path: Path) -
     rows = -(-len(s.estimators) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), sharey=True, squeeze=False)
     for ax, spec in zip(axes.flat, s.estimators):
-        for k in s.staleness:
+        for i, k in enumerate(s.staleness):
             curves = [r["curve"] for r in cell_runs(s, runs, spec, k)]
             if curves:
                 n = min(len(c) for c in curves)
                 ax.plot(np.mean([[p[x_key] for p in c[:n]] for c in curves], axis=0),
                         np.mean([[p["accuracy"] for p in c[:n]] for c in curves], axis=0),
-                        marker="o", ms=3, label=f"staleness {k}")
+                        marker="o", ms=3, color=f"C{i}", label=f"staleness {k}")  # one colour per staleness
         ax.set_title(spec, fontsize=10)
         ax.set_xlabel({"step": "optimizer step", "async_s": "modelled wall time (s)"}[x_key])
         ax.grid(alpha=0.3)
