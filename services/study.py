@@ -206,7 +206,8 @@ class Runner:
 def save_results(s: StudySettings, runs: list[dict[str, Any]]) -> None:
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"settings": s.model_dump(), "runs": runs},
+    settings = s.model_dump(exclude={"merge", "reuse"})  # folders of this machine: not part of the result
+    (out / "results.json").write_text(json.dumps({"settings": settings, "runs": runs},
                                                  separators=(",", ":")))
 
 
