@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.launcher import Launcher
@@ -51,8 +51,8 @@ class DemoSettings(BaseSettings):
     """Tokens recorded per position by the rollouts (1 + extra MC draws)."""
     losses: dict[str, float] = Field(default_factory=lambda: {"fkl_topk": 1.0})
     """Learner estimators and weights (JSON)."""
-    lr: float = 1e-3
-    """Learner AdamW learning rate."""
+    lr: float | None = None
+    """Learner AdamW learning rate; unset: the estimators' default (services/learner/lr_defaults.py)."""
     warmup_steps: int = 30
     """Learner learning-rate warm-up steps."""
     lr_schedule: str = "cosine"
@@ -77,6 +77,13 @@ class DemoSettings(BaseSettings):
     """First /healthz+/metrics port; each process takes the next one."""
     seed: int = 0
     """Seed for the learner and rollouts."""
+
+    @model_validator(mode="after")
+    def _default_lr(self) -> DemoSettings:
+        from services.learner.lr_defaults import resolve_lr
+
+        self.lr = resolve_lr(self.lr, self.losses)
+        return self
 
 
 def evaluate(model_path: str, n: int) -> float:

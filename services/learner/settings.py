@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import ScoringSettings
@@ -62,8 +62,9 @@ class LearnerSettings(ScoringSettings):
     """Truncate the trajectory from the first position with overlap below this (0: off)."""
     gradient_checkpointing: bool = False
     """Recompute the student's layer activations in the backward pass instead of keeping them."""
-    lr: float = 1e-3
-    """AdamW learning rate."""
+    lr: float | None = None
+    """AdamW learning rate; unset: the estimators' default (services/learner/lr_defaults.py,
+    docs/losses.md; with several estimators the smallest of their defaults)."""
     warmup_steps: int = 10
     """Linear learning-rate warm-up over the first steps (fresh AdamW moments are noisy)."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
@@ -116,6 +117,13 @@ class LearnerSettings(ScoringSettings):
     """N > 1 ranks: a collective waiting longer than this fails and ends the learner (NCCL's
     only way to notice a hung peer; must exceed rank 0's longest stretch without a command:
     an evaluation, a slow publish, a Redis outage)."""
+
+    @model_validator(mode="after")
+    def _default_lr(self) -> LearnerSettings:
+        from services.learner.lr_defaults import resolve_lr
+
+        self.lr = resolve_lr(self.lr, self.losses)
+        return self
 
     def objective(self) -> ObjectiveConfig:
         """The loss configuration these settings describe (validated here, at start-up)."""
