@@ -59,7 +59,8 @@ def flags(root: Path, name: str, procs: int, max_steps: int, checkpoint_every: i
     return {"weights_dir": root / name / "weights", "checkpoint_dir": root / name / "ckpt",
             "output_dir": root / name / "student", "torch_threads": 1, "device": "cpu", "http_port": 0,
             "reclaim_idle_s": 2, "batch_size": BATCH, "max_steps": max_steps, "max_staleness": STEPS + 1,
-            "checkpoint_every": checkpoint_every, "prompt_backlog": 8, "keep_versions": 100, "procs": procs}
+            "checkpoint_every": checkpoint_every, "prompt_backlog": 8, "keep_versions": 100, "procs": procs,
+            "lr": 1e-3}  # TOLERANCE is for steps of this size (fkl_topk's default, 3e-3, drifts 1.7e-6 in 8 steps)
 
 
 def version(client, keys: Keys) -> int:
