@@ -1,8 +1,9 @@
-"""Exact-match evaluation of a causal LM on the built-in addition task (greedy decoding).
+"""Greedy-decoding accuracy of a causal LM: the built-in addition task, or a held-out dataset.
 
-Prompts are left-padded into batches and decoded greedily with ``model.generate``; a
-completion is correct when its leading digits equal the answer exactly
-(``shared.task.is_correct``).
+Prompts are left-padded into batches and decoded greedily with ``model.generate``; on the
+built-in task a completion is correct when its leading digits equal the answer exactly
+(``shared.task.is_correct``). ``dataset_accuracy`` grades a dataset's rows (text or chat,
+``shared.datasets``) with any verifier (``shared.verifiers``).
 
 Run::
 
@@ -66,6 +67,45 @@ def accuracy(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",
     finally:
         model.train(was_training)
     return correct / len(problems)
+
+
+def greedy_from_ids(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",
+                    prompts: list[list[int]], *, max_new_tokens: int) -> list[str]:
+    """Greedy completions for already-tokenised prompts (left-padded here), decoded as text."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=pad,
+                             eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+
+
+def dataset_accuracy(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", examples: list,
+                     verifier, *, template_kwargs: dict | None = None, batch_size: int = 64,
+                     max_new_tokens: int = 8) -> float:
+    """Fraction of dataset rows whose greedy completion the verifier accepts."""
+    from shared.datasets import prompt_ids
+
+    if not examples:
+        return 0.0
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start:start + batch_size]
+            ids = [prompt_ids(tokenizer, e, template_kwargs) for e in batch]
+            completions = greedy_from_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens)
+            correct += sum(bool(verifier(c, e.answer)) for c, e in zip(completions, batch))
+    finally:
+        model.train(was_training)
+    return correct / len(examples)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

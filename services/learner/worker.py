@@ -31,12 +31,14 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.learner import checkpoint
 from services.learner.distributed import Ranks
+from services.learner.samples import SampleLog
 from services.learner.settings import LearnerSettings
 from services.learner.staleness import STALENESS_BUCKETS, Lineage, StalenessTracker
 from shared.admission import Admission, release_poison, set_limits, token_of
 from shared.run_record import read as read_record
 from shared.service import Context, dead_letter, decode_batch, isolate
 from shared.streams import Entry, StreamConsumer, backlog
+from shared.verifiers import load_verifier
 from shared.weights import announce, prune_versions, save_version
 from shared.wire import ScoredTrajectory, WireError
 
@@ -63,9 +65,9 @@ class LearnerMetrics:
                           [*lab, "term"], registry=r)
         self.steps = Counter("opd_learner_steps_total", "Optimizer steps", list(lab),
                              registry=r).labels(**lab)
-        self.accuracy = Gauge("opd_sample_accuracy", "Exact-match accuracy of trained samples",
+        self.accuracy = Gauge("opd_sample_accuracy", "Verifier accuracy of trained samples",
                               list(lab), registry=r).labels(**lab)
-        self.eval_accuracy = Gauge("opd_eval_accuracy", "Greedy exact-match accuracy on held-out problems",
+        self.eval_accuracy = Gauge("opd_eval_accuracy", "Greedy verifier accuracy on held-out problems",
                                    list(lab), registry=r).labels(**lab)
         self.lab = lab
 
@@ -77,6 +79,13 @@ class LearnerWorker:
         self.ctx, self.s = ctx, settings
         self.student = Student(settings, ranks or Ranks.start(settings.device, settings.dist_timeout_s))
         self.tokenizer, self.vocab_size = self.student.tokenizer, self.student.vocab_size
+        if settings.chat_template:  # saved with the final student, so its tokenizer keeps it
+            self.tokenizer.chat_template = settings.chat_template
+        self.verifier = load_verifier(settings.verifier)
+        self.samples = SampleLog(ctx.client, ctx.keys.samples, self.tokenizer, self.verifier,
+                                 settings.samples_every, settings.samples_per_step, settings.samples_max_entries)
+        self.dataset: list = []  # the prompts file's rows and the eval file's (see _load_data)
+        self.eval_set: list = []
         self.version = 0
         self.tracker = StalenessTracker(settings.max_staleness)
         self.lineage = Lineage()  # epochs: every restore from a checkpoint starts one
@@ -149,6 +158,7 @@ class LearnerWorker:
         from services.learner.feeder import PromptFeeder, builtin_problems, file_problems, resume_position
 
         ctx, keys = self.ctx, self.ctx.keys
+        self._load_data()  # a bad row fails here, before anything is deleted, published or fed
         if self.s.reset:  # explicit: the run's streams, counts and checkpoints go
             import shutil
 
@@ -166,18 +176,30 @@ class LearnerWorker:
                                           on_poison=release_poison(self.admission, ScoredTrajectory))
         if ckpt is not None:
             self._restore(ckpt)
-        problems = file_problems(self.s.prompts_file) if self.s.prompts_file else builtin_problems(self.s.seed)
+        problems = file_problems(self.dataset) if self.s.prompts_file else builtin_problems(self.s.seed)
         # resume the prompt order after the last prompt fed (Redis counts it with each XADD, so
         # prompts fed after the checkpoint, still in the stream, are not fed twice)
         fed = resume_position(ctx.client, keys.produced, self.resumed.get("prompts_fed", 0))
         self.feeder = PromptFeeder(ctx.client, keys.prompts, self.tokenizer,
                                    itertools.islice(problems, fed, None), self.s.prompt_backlog,
-                                   lambda: self.version, fed=fed)
+                                   lambda: self.version, fed=fed, template_kwargs=self.s.chat_template_kwargs)
         # a new run's version 0, or a restore's new epoch: checkpointed before it is published or
         # trained, so a restart from here on resumes (never starts over) and never reuses an epoch
         self._checkpoint()
         self._publish()
         return self.feeder.start()
+
+    def _load_data(self) -> None:
+        """Read and validate the prompts and eval files in full, and tokenise every row once."""
+        from shared.datasets import check_encodable, load
+
+        self.dataset = load(self.s.prompts_file) if self.s.prompts_file else []
+        self.eval_set = load(self.s.eval_file)[:self.s.eval_problems] if self.s.eval_file else []
+        for rows in (self.dataset, self.eval_set):
+            check_encodable(self.tokenizer, rows, self.s.chat_template_kwargs)
+        if self.dataset:
+            log.info("prompts: %d rows from %s (%d chat)", len(self.dataset), self.s.prompts_file,
+                     sum(r.is_chat for r in self.dataset))
 
     def _collect(self, batch: list[ScoredTrajectory], ids: list[bytes]) -> None:
         """Read, validate and staleness-filter entries until the batch is full or a read times out."""
@@ -278,15 +300,20 @@ class LearnerWorker:
 
     def _evaluate(self) -> None:
         """Held-out greedy accuracy of the current weights: gauge, log, and the stats' curve."""
-        from shared.evaluate import EVAL_SEED, accuracy
+        from shared.evaluate import EVAL_SEED, accuracy, dataset_accuracy
         from shared.task import make_problems
 
-        if self.s.prompts_file:
-            return  # a prompts file brings no verifier here: nothing to grade
+        if self.s.prompts_file and not self.eval_set:
+            return  # a prompts file without an eval file: nothing held out to grade
         self.ctx.heartbeat.beat("evaluating")
-        problems = make_problems(self.s.eval_problems, seed=EVAL_SEED, split="eval")
+        problems = self.eval_set or make_problems(self.s.eval_problems, seed=EVAL_SEED, split="eval")
         with self.student.evaluated() as model:
-            acc = accuracy(model, self.tokenizer, problems)
+            if self.eval_set:
+                acc = dataset_accuracy(model, self.tokenizer, problems, self.verifier,
+                                       template_kwargs=self.s.chat_template_kwargs,
+                                       max_new_tokens=self.s.eval_max_new_tokens)
+            else:
+                acc = accuracy(model, self.tokenizer, problems, max_new_tokens=self.s.eval_max_new_tokens)
         self.lm.eval_accuracy.set(acc)
         self.stats.setdefault("eval_curve", []).append(
             {"step": self.version, "accuracy": round(acc, 4), "elapsed_s": round(time.time() - self.started_at, 2)})
@@ -294,13 +321,12 @@ class LearnerWorker:
         log.info("step %d held-out accuracy %.3f (%d problems)", self.version, acc, len(problems))
 
     def _account(self, batch: list[ScoredTrajectory], metrics: dict[str, float], elapsed: float) -> None:
-        from shared.task import Problem, is_correct
-
         correct = sum(
-            is_correct(self.tokenizer.decode(m.trajectory.completion_ids_T, skip_special_tokens=True),
-                       Problem("", m.trajectory.prompt.answer))
+            bool(self.verifier(self.tokenizer.decode(m.trajectory.completion_ids_T, skip_special_tokens=True),
+                               m.trajectory.prompt.answer))
             for m in batch
         )
+        self.samples.maybe_write(self.version, batch)
         tokens = sum(m.trajectory.num_tokens for m in batch)
         self.stats["trained_tokens"] += tokens
         self.stats["correct"] += correct
