@@ -69,3 +69,20 @@ def test_chat_jsonl_with_numeric_answers_trains(tmp_path: Path, redis_server, cl
     assert f"step {STEPS}" in out.stdout.splitlines()[-4]  # the newest entry comes last
     log = (tmp_path / "logs" / "learner.log").read_text()
     assert "sample step 1 reward" in log and "held-out accuracy" in log
+
+
+def test_a_bad_row_stops_the_learner_before_it_publishes(tmp_path: Path, redis_server, client):
+    keys = Keys("bad-row")
+    bad = tmp_path / "train.jsonl"
+    bad.write_text(chat_rows([(1, 2)]) + '{"messages": [{"role": "user", "content": "1+1"}], "answer": [2]}\n')
+    launcher = Launcher(env={"REDIS_URL": redis_server.url, "OPD_RUN": keys.run}, log_dir=tmp_path / "logs")
+    try:
+        learner = launcher.start("learner", "learner", {
+            "weights_dir": tmp_path / "weights", "device": "cpu", "http_port": free_port(), "prompts_file": bad,
+            "checkpoint_dir": tmp_path / "ckpt", "chat_template": TEMPLATE})
+        assert learner.proc.wait(timeout=60) == 1
+    finally:
+        launcher.stop(grace_s=5)
+    lines = (tmp_path / "logs" / "learner.log").read_text().splitlines()
+    assert lines[-1] == f"opd-learner: {bad}:2: field 'answer': need a string or a number, got list"
+    assert not any(client.exists(k) for k in keys.all()) and not (tmp_path / "ckpt").exists()

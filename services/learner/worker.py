@@ -30,6 +30,7 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.learner import checkpoint
+from services.learner.data import LearnerData
 from services.learner.distributed import Ranks
 from services.learner.samples import SampleLog
 from services.learner.settings import LearnerSettings
@@ -38,7 +39,6 @@ from shared.admission import Admission, release_poison, set_limits, token_of
 from shared.run_record import read as read_record
 from shared.service import Context, dead_letter, decode_batch, isolate
 from shared.streams import Entry, StreamConsumer, backlog
-from shared.verifiers import load_verifier
 from shared.weights import announce, prune_versions, save_version
 from shared.wire import ScoredTrajectory, WireError
 
@@ -77,15 +77,14 @@ class LearnerWorker:
         from services.learner.student import Student
 
         self.ctx, self.s = ctx, settings
+        self.data = LearnerData.load(settings)  # before the (slow) model load: a bad row fails at once
+        self.verifier, self.eval_set = self.data.verifier, self.data.eval_set
         self.student = Student(settings, ranks or Ranks.start(settings.device, settings.dist_timeout_s))
         self.tokenizer, self.vocab_size = self.student.tokenizer, self.student.vocab_size
         if settings.chat_template:  # saved with the final student, so its tokenizer keeps it
             self.tokenizer.chat_template = settings.chat_template
-        self.verifier = load_verifier(settings.verifier)
         self.samples = SampleLog(ctx.client, ctx.keys.samples, self.tokenizer, self.verifier,
                                  settings.samples_every, settings.samples_per_step, settings.samples_max_entries)
-        self.dataset: list = []  # the prompts file's rows and the eval file's (see _load_data)
-        self.eval_set: list = []
         self.version = 0
         self.tracker = StalenessTracker(settings.max_staleness)
         self.lineage = Lineage()  # epochs: every restore from a checkpoint starts one
@@ -158,7 +157,7 @@ class LearnerWorker:
         from services.learner.feeder import PromptFeeder, builtin_problems, file_problems, resume_position
 
         ctx, keys = self.ctx, self.ctx.keys
-        self._load_data()  # a bad row fails here, before anything is deleted, published or fed
+        self.data.check_tokenisable(self.tokenizer, self.s.chat_template_kwargs)  # before anything is deleted
         if self.s.reset:  # explicit: the run's streams, counts and checkpoints go
             import shutil
 
@@ -176,7 +175,7 @@ class LearnerWorker:
                                           on_poison=release_poison(self.admission, ScoredTrajectory))
         if ckpt is not None:
             self._restore(ckpt)
-        problems = file_problems(self.dataset) if self.s.prompts_file else builtin_problems(self.s.seed)
+        problems = file_problems(self.data.prompts) if self.s.prompts_file else builtin_problems(self.s.seed)
         # resume the prompt order after the last prompt fed (Redis counts it with each XADD, so
         # prompts fed after the checkpoint, still in the stream, are not fed twice)
         fed = resume_position(ctx.client, keys.produced, self.resumed.get("prompts_fed", 0))
@@ -188,18 +187,6 @@ class LearnerWorker:
         self._checkpoint()
         self._publish()
         return self.feeder.start()
-
-    def _load_data(self) -> None:
-        """Read and validate the prompts and eval files in full, and tokenise every row once."""
-        from shared.datasets import check_encodable, load
-
-        self.dataset = load(self.s.prompts_file) if self.s.prompts_file else []
-        self.eval_set = load(self.s.eval_file)[:self.s.eval_problems] if self.s.eval_file else []
-        for rows in (self.dataset, self.eval_set):
-            check_encodable(self.tokenizer, rows, self.s.chat_template_kwargs)
-        if self.dataset:
-            log.info("prompts: %d rows from %s (%d chat)", len(self.dataset), self.s.prompts_file,
-                     sum(r.is_chat for r in self.dataset))
 
     def _collect(self, batch: list[ScoredTrajectory], ids: list[bytes]) -> None:
         """Read, validate and staleness-filter entries until the batch is full or a read times out."""
