@@ -9,6 +9,7 @@ Run::
 
     python -m shared.evaluate --model builtin:teacher --n 500 --seed 0
     python -m shared.evaluate --model path/to/checkpoint --n 500 --split eval
+    python -m shared.evaluate --model path/to/checkpoint --eval-file held_out.jsonl --verifier numeric
 """
 
 from __future__ import annotations
@@ -115,6 +116,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=500, help="number of problems")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", choices=["train", "eval"], default="eval")
+    parser.add_argument("--eval-file", default="", help="JSONL/Parquet rows to grade instead of the built-in task")
+    parser.add_argument("--verifier", default="exact", help="exact, numeric or module:function (with --eval-file)")
+    parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--digits", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cpu")
@@ -132,12 +136,20 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     model = load_model(args.model, device=args.device)
     tokenizer = load_tokenizer(args.model)
-    problems = make_problems(args.n, seed=args.seed, split=args.split, digits=args.digits)
     start = time.perf_counter()
-    acc = accuracy(model, tokenizer, problems, batch_size=args.batch_size)
-    elapsed = time.perf_counter() - start
-    print(f"model={args.model} split={args.split} n={args.n} seed={args.seed} "
-          f"accuracy={acc:.4f} ({elapsed:.1f}s)")
+    if args.eval_file:
+        from shared.datasets import load
+        from shared.verifiers import load_verifier
+
+        rows = load(args.eval_file)[:args.n]
+        acc = dataset_accuracy(model, tokenizer, rows, load_verifier(args.verifier), batch_size=args.batch_size,
+                               max_new_tokens=args.max_new_tokens)
+        what = f"eval_file={args.eval_file} verifier={args.verifier} n={len(rows)}"
+    else:
+        problems = make_problems(args.n, seed=args.seed, split=args.split, digits=args.digits)
+        acc = accuracy(model, tokenizer, problems, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+        what = f"split={args.split} n={args.n} seed={args.seed}"
+    print(f"model={args.model} {what} accuracy={acc:.4f} ({time.perf_counter() - start:.1f}s)")
 
 
 if __name__ == "__main__":

@@ -105,3 +105,20 @@ def test_chat_rows_without_a_template_fail_at_the_check(tokenizer):
     tokenizer_raising.chat_template = "{{ raise_exception('only one turn') }}"
     with pytest.raises(DatasetError, match="data.jsonl:2: field 'messages': the chat template failed: only one turn"):
         check_encodable(tokenizer_raising, rows)
+
+
+def test_held_out_rows_grade_like_the_builtin_task(tokenizer):
+    from shared.evaluate import accuracy, dataset_accuracy
+    from shared.models import load_model
+    from shared.task import make_problems
+    from shared.verifiers import exact, numeric
+
+    model = load_model("builtin:teacher")
+    problems = make_problems(24, seed=5, split="eval")
+    text = [Example(prompt=p.prompt, answer=p.answer) for p in problems]
+    # the same prompts as chat rows: TEMPLATE renders "<bos>" + content + "=", the text prompt exactly
+    chat = [Example(messages=(("user", p.prompt[:-1]),), answer=p.answer) for p in problems]
+    want = accuracy(model, tokenizer, problems)
+    assert want > 0.5  # the teacher is good at its task: the comparison means something
+    assert dataset_accuracy(model, tokenizer, text, exact, batch_size=5) == want
+    assert dataset_accuracy(model, tokenizer, chat, numeric, batch_size=7) == want
