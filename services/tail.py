@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     if not entries and not args.follow:
         print(f"no samples yet in {stream} (the learner writes them every samples_every steps)", file=sys.stderr)
     for _, fields in entries:
-        print(format_entry(fields))
+        print(format_entry(fields), flush=True)
     if args.follow:
         try:
             follow(client, stream, entries[-1][0] if entries else b"$")

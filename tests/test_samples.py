@@ -38,3 +38,24 @@ def test_samples_every_n_steps_graded_and_capped(client, keys):
         log.maybe_write(step, batch)
     assert client.xlen(keys.samples) < 200  # MAXLEN ~ 10: trimmed in whole nodes, never unbounded
     assert last(client, keys.samples, 1)[0][1][b"step"] == b"598"
+
+
+def test_opd_tail_follows_new_samples(client, keys, redis_server):
+    import os
+    import subprocess
+    import sys
+
+    tok = load_tokenizer("builtin:student")
+    log = SampleLog(client, keys.samples, tok, numeric, every=1, per_step=1, max_entries=10)
+    log.maybe_write(6, [scored(tok, "1+2=", "3", "3", 0)])
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "tail", "--run", keys.run, "-n", "1", "--follow"],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "REDIS_URL": redis_server.url})
+    try:
+        assert proc.stdout.readline().startswith("step 6  reward 1.0")  # the newest entry first
+        for _ in range(3):
+            proc.stdout.readline()
+        log.maybe_write(7, [scored(tok, "2+2=", "5", "4", 1)])
+        assert proc.stdout.readline().startswith("step 7  reward 0.0")  # then each new one as it comes
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
