@@ -7,6 +7,7 @@
     opd study staleness       estimators x staleness bounds on the built-in task (services/study.py)
     opd redis [--port --password --dir]   an embedded Redis server in the foreground (--help)
     opd audit --checkpoint-dir DIR        where every trajectory of a run ended up (services/audit.py)
+    opd tail [--run RUN] [-n N] [--follow]   the learner's sampled completions (services/tail.py)
     opd rollout|teacher|learner [--flags]   run one service (same as opd-rollout, ...)
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = ("demo", "eval", "pretrain", "study", "bench", "redis", "audit", "rollout", "teacher", "learner")
+COMMANDS = ("demo", "eval", "pretrain", "study", "bench", "redis", "audit", "tail", "rollout", "teacher", "learner")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> None:
         from services.audit import main as audit_main
 
         audit_main(rest)
+    elif command == "tail":
+        from services.tail import main as tail_main
+
+        tail_main(rest)
     elif command == "redis":
         from shared.redis_server import main as redis_main
 

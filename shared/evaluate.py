@@ -1,13 +1,15 @@
-"""Exact-match evaluation of a causal LM on the built-in addition task (greedy decoding).
+"""Greedy-decoding accuracy of a causal LM: the built-in addition task, or a held-out dataset.
 
-Prompts are left-padded into batches and decoded greedily with ``model.generate``; a
-completion is correct when its leading digits equal the answer exactly
-(``shared.task.is_correct``).
+Prompts are left-padded into batches and decoded greedily with ``model.generate``; on the
+built-in task a completion is correct when its leading digits equal the answer exactly
+(``shared.task.is_correct``). ``dataset_accuracy`` grades a dataset's rows (text or chat,
+``shared.datasets``) with any verifier (``shared.verifiers``).
 
 Run::
 
     python -m shared.evaluate --model builtin:teacher --n 500 --seed 0
     python -m shared.evaluate --model path/to/checkpoint --n 500 --split eval
+    python -m shared.evaluate --model path/to/checkpoint --eval-file held_out.jsonl --verifier numeric
 """
 
 from __future__ import annotations
@@ -68,6 +70,45 @@ def accuracy(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",
     return correct / len(problems)
 
 
+def greedy_from_ids(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",
+                    prompts: list[list[int]], *, max_new_tokens: int) -> list[str]:
+    """Greedy completions for already-tokenised prompts (left-padded here), decoded as text."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=pad,
+                             eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+
+
+def dataset_accuracy(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", examples: list,
+                     verifier, *, template_kwargs: dict | None = None, batch_size: int = 64,
+                     max_new_tokens: int = 8) -> float:
+    """Fraction of dataset rows whose greedy completion the verifier accepts."""
+    from shared.datasets import prompt_ids
+
+    if not examples:
+        return 0.0
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start:start + batch_size]
+            ids = [prompt_ids(tokenizer, e, template_kwargs) for e in batch]
+            completions = greedy_from_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens)
+            correct += sum(bool(verifier(c, e.answer)) for c, e in zip(completions, batch))
+    finally:
+        model.train(was_training)
+    return correct / len(examples)
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="builtin:teacher",
@@ -75,6 +116,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=500, help="number of problems")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", choices=["train", "eval"], default="eval")
+    parser.add_argument("--eval-file", default="", help="JSONL/Parquet rows to grade instead of the built-in task")
+    parser.add_argument("--verifier", default="exact", help="exact, numeric or module:function (with --eval-file)")
+    parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--digits", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cpu")
@@ -92,12 +136,20 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     model = load_model(args.model, device=args.device)
     tokenizer = load_tokenizer(args.model)
-    problems = make_problems(args.n, seed=args.seed, split=args.split, digits=args.digits)
     start = time.perf_counter()
-    acc = accuracy(model, tokenizer, problems, batch_size=args.batch_size)
-    elapsed = time.perf_counter() - start
-    print(f"model={args.model} split={args.split} n={args.n} seed={args.seed} "
-          f"accuracy={acc:.4f} ({elapsed:.1f}s)")
+    if args.eval_file:
+        from shared.datasets import load
+        from shared.verifiers import load_verifier
+
+        rows = load(args.eval_file)[:args.n]
+        acc = dataset_accuracy(model, tokenizer, rows, load_verifier(args.verifier), batch_size=args.batch_size,
+                               max_new_tokens=args.max_new_tokens)
+        what = f"eval_file={args.eval_file} verifier={args.verifier} n={len(rows)}"
+    else:
+        problems = make_problems(args.n, seed=args.seed, split=args.split, digits=args.digits)
+        acc = accuracy(model, tokenizer, problems, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+        what = f"split={args.split} n={args.n} seed={args.seed}"
+    print(f"model={args.model} {what} accuracy={acc:.4f} ({time.perf_counter() - start:.1f}s)")
 
 
 if __name__ == "__main__":

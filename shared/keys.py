@@ -96,11 +96,17 @@ class Keys:
         """Hash: learner progress and run summary (step, consumed, staleness counts...)."""
         return self._k("stats")
 
+    @property
+    def samples(self) -> str:
+        """Stream: a few trained (prompt, completion, teacher id, reward) samples every N steps,
+        capped in length; learner -> `opd tail`."""
+        return self._k("samples")
+
     def all(self) -> list[str]:
         return [
             self.prompts, self.trajectories, self.scored, self.dead,
             self.weights, self.versions, self.version, self.admitted, self.admission_tokens, self.record,
-            self.limits, self.replicas, self.produced, self.stats, self.rollout_seq,
+            self.limits, self.replicas, self.produced, self.stats, self.rollout_seq, self.samples,
         ]
 
 

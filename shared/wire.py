@@ -137,6 +137,7 @@ class Prompt:
     answer: str  # reference answer for exact-match reward/accuracy ("" when unknown)
     weight_version: int  # learner version when the prompt was enqueued
     created_at: float = field(default_factory=time.time)
+    teacher_id: str = ""  # the dataset's requested teacher ("" = any); carried, not yet routed on
 
     def to_dict(self, w: ArrayWriter) -> dict[str, Any]:
         return {
@@ -145,6 +146,7 @@ class Prompt:
             "answer": self.answer,
             "weight_version": self.weight_version,
             "created_at": self.created_at,
+            "teacher_id": self.teacher_id,
         }
 
     @classmethod
@@ -158,6 +160,7 @@ class Prompt:
             answer=_get(d, "answer", str, where),
             weight_version=_get(d, "weight_version", int, where),
             created_at=float(_get(d, "created_at", (int, float), where)),
+            teacher_id=_get(d, "teacher_id", str, where) if "teacher_id" in d else "",
         )
 
 

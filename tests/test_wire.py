@@ -55,6 +55,17 @@ def test_prompt_and_weights_round_trip():
     assert decode(encode(w)) == w
 
 
+def test_prompt_teacher_id_is_optional_on_decode():
+    p = Prompt("x", np.array([1, 2], np.int32), "3", weight_version=0, teacher_id="math")
+    assert decode(encode(p), Prompt).teacher_id == "math"
+    header, blob = msgpack.unpackb(encode(p))
+    header.pop("teacher_id")  # a message from a build before the field: reads as "any teacher"
+    assert decode(msgpack.packb([header, blob]), Prompt).teacher_id == ""
+    header["teacher_id"] = 7
+    with pytest.raises(WireError, match="teacher_id"):
+        decode(msgpack.packb([header, blob]), Prompt)
+
+
 def test_envelope_carries_schema_and_version():
     header, blob = msgpack.unpackb(encode(make_scored(version=11)))
     assert header["schema"] == SCHEMA_VERSION == 2 and header["kind"] == "scored"

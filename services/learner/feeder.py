@@ -1,24 +1,26 @@
 """Prompt feeder: keeps the prompts stream filled for the rollouts, bounded by backpressure.
 
 Runs as a daemon thread in the learner process (the learner owns the data order). Prompts
-come from the built-in addition task (train split, endless, seeded) or a JSONL file of
-{"prompt", "answer"} records (cycled). Each is tokenised with the student's tokenizer
-(`tokenizer(text)`, so the tokenizer's own BOS convention applies).
+come from the built-in addition task (train split, endless, seeded) or a dataset file (JSONL
+or Parquet, text or chat rows, validated up front: shared/datasets.py), cycled. Each is
+tokenised with the student's tokenizer: `tokenizer(text)` (its own BOS convention applies), or
+a chat row through its chat template (`shared.datasets.prompt_ids`). A row's `teacher_id`
+travels on the Prompt.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import redis
 
+from shared.datasets import Example, prompt_ids
 from shared.streams import produce, wait_for_room
 from shared.task import Problem, make_problems
 from shared.wire import Prompt, encode
@@ -33,18 +35,9 @@ def builtin_problems(seed: int) -> Iterator[Problem]:
         yield from make_problems(CHUNK, seed=seed * 1_000_003 + i, split="train")
 
 
-def file_problems(path: str) -> Iterator[Problem]:
-    """Cycle a JSONL file of {"prompt": str, "answer": str}; bad lines are an error."""
-    rows = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            obj = json.loads(line)
-            if not isinstance(obj.get("prompt"), str) or not isinstance(obj.get("answer", ""), str):
-                raise ValueError(f"{path}:{n}: need a string 'prompt' (and optional string 'answer')")
-            rows.append(Problem(obj["prompt"], obj.get("answer", "")))
-    if not rows:
-        raise ValueError(f"{path}: no prompts")
-    return itertools.cycle(rows)
+def file_problems(examples: list[Example]) -> Iterator[Example]:
+    """Cycle a dataset's rows (loaded and validated up front: shared.datasets.load)."""
+    return itertools.cycle(examples)
 
 
 FED_FIELD = "feeder_position"  # field of the run's `produced` hash: problems ever fed, updated with each XADD
@@ -57,9 +50,11 @@ def resume_position(client: redis.Redis, produced_key: str, checkpointed: int) -
 
 
 class PromptFeeder:
-    def __init__(self, client: redis.Redis, stream: str, tokenizer, problems: Iterator[Problem],
-                 backlog: int, version: Callable[[], int], fed: int = 0) -> None:
+    def __init__(self, client: redis.Redis, stream: str, tokenizer, problems: Iterator[Problem | Example],
+                 backlog: int, version: Callable[[], int], fed: int = 0,
+                 template_kwargs: dict[str, Any] | None = None) -> None:
         self.client, self.stream, self.tokenizer = client, stream, tokenizer
+        self.template_kwargs = template_kwargs or {}
         self.problems, self.backlog, self.version = problems, backlog, version
         self.fed = fed  # problems taken from the source so far (checkpointed)
         self.error: BaseException | None = None
@@ -95,7 +90,8 @@ class PromptFeeder:
             produce(self.client, self.stream, [encode(self._prompt(p)) for p in batch], counter=FED_FIELD)
             self.fed += len(batch)
 
-    def _prompt(self, problem: Problem) -> Prompt:
-        ids = self.tokenizer(problem.prompt)["input_ids"]
+    def _prompt(self, problem: Problem | Example) -> Prompt:
+        ids = prompt_ids(self.tokenizer, problem, self.template_kwargs)
         return Prompt(prompt_id=uuid.uuid4().hex, prompt_ids_P=np.asarray(ids, np.int32),
-                      answer=problem.answer, weight_version=self.version())
+                      answer=problem.answer, weight_version=self.version(),
+                      teacher_id=getattr(problem, "teacher_id", ""))

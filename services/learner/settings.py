@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -72,11 +72,16 @@ class LearnerSettings(ScoringSettings):
     lr_min_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
     """Final learning rate of the cosine schedule, as a fraction of lr."""
     eval_every: int = Field(default=0, ge=0)
-    """Greedy exact-match accuracy on held-out problems every this many steps (and at the
-    start): printed, exported as opd_eval_accuracy, kept as a curve in the run's stats (0: off;
-    the built-in task only)."""
+    """Greedy accuracy on held-out problems every this many steps (and at the start): printed,
+    exported as opd_eval_accuracy, kept as a curve in the run's stats (0: off). The built-in
+    task's eval split, or eval_file graded by the verifier; with a prompts_file and no
+    eval_file there is nothing held out: no evaluation."""
     eval_problems: int = Field(default=200, ge=1)
-    """Held-out problems per evaluation (the built-in task's eval split)."""
+    """Held-out problems per evaluation (the built-in task's eval split, or eval_file's first rows)."""
+    eval_file: str = ""
+    """Held-out prompts in the prompts_file format (JSONL or Parquet), graded by the verifier."""
+    eval_max_new_tokens: int = Field(default=8, ge=1)
+    """Greedy tokens generated per held-out prompt (the built-in task's answers need 4)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     grad_clip: float = 1.0
@@ -84,7 +89,23 @@ class LearnerSettings(ScoringSettings):
     prompt_backlog: int = 512
     """The prompt feeder keeps this many prompts queued for the rollouts."""
     prompts_file: str = ""
-    """JSONL with {"prompt": ..., "answer": ...} per line; empty: the built-in addition task."""
+    """Training prompts, JSONL or .parquet: per row `prompt` (text) or `messages` (chat turns),
+    optional `answer` and `teacher_id` (shared/datasets.py); empty: the built-in addition task.
+    Every row is validated before the learner publishes anything."""
+    verifier: str = "exact"
+    """Grades completions against answers for the sample accuracy and the held-out evaluation:
+    exact, numeric (final number: \\boxed{}, ####, last number), or module:function (shared/verifiers.py)."""
+    chat_template: str = ""
+    """Jinja chat template for `messages` rows, replacing the student tokenizer's own (empty: its own)."""
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra variables for the chat template, JSON, e.g. '{"enable_thinking": false}'."""
+    samples_every: int = Field(default=10, ge=0)
+    """Every this many steps, a few trained (prompt, completion, teacher id, reward) samples go
+    to the learner's log and the run's samples stream (`opd tail`); 0: off."""
+    samples_per_step: int = Field(default=2, ge=1)
+    """Samples logged each time."""
+    samples_max_entries: int = Field(default=1000, ge=1)
+    """The samples stream is capped near this many entries (XADD MAXLEN ~)."""
     keep_versions: int = 3
     """Published weight versions kept on disk (older ones are deleted once keep_versions_s old)."""
     keep_versions_s: float = 60.0
