@@ -465,7 +465,7 @@ def test_prometheus_config_passes_promtool() -> None:
 
 def exported_metrics() -> tuple[set[str], set[str]]:
     """Sample names and label names the services export (every metric exercised once)."""
-    from services.learner.worker import LearnerMetrics
+    from services.learner.metrics import LearnerMetrics
     from services.rollout.worker import weight_lag_histogram
     from shared.monitoring import ServiceMetrics
     from shared.redis_stats import RedisStats, StreamStats

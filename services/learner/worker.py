@@ -27,14 +27,13 @@ import time
 import uuid
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
-
 from services.learner import checkpoint
 from services.learner.data import LearnerData
 from services.learner.distributed import Ranks
+from services.learner.metrics import LearnerMetrics
 from services.learner.samples import SampleLog
 from services.learner.settings import LearnerSettings
-from services.learner.staleness import STALENESS_BUCKETS, Lineage, StalenessTracker
+from services.learner.staleness import Lineage, StalenessTracker
 from shared.admission import Admission, release_poison, set_limits, token_of
 from shared.run_record import read as read_record
 from shared.service import Context, dead_letter, decode_batch, isolate
@@ -47,29 +46,6 @@ log = logging.getLogger("opd.learner")
 
 class RunStateError(SystemExit):
     """The run has state this learner would destroy or misread: exit with one line saying what to do."""
-
-
-class LearnerMetrics:
-    """Learner-only metrics, in the service's registry."""
-
-    def __init__(self, ctx: Context) -> None:
-        r, lab = ctx.metrics.registry, {"service": "learner", "replica": ctx.settings.replica}
-        self.staleness = Histogram("opd_staleness", "Staleness of trained trajectories (steps)",
-                                   list(lab), registry=r, buckets=STALENESS_BUCKETS
-                                   ).labels(**lab)
-        self.dropped = Counter("opd_dropped_total", "Trajectories dropped by the learner",
-                               [*lab, "reason"], registry=r)
-        for reason in ("stale", "foreign", "duplicate", "abandoned"):  # exported as 0 from the start
-            self.dropped.labels(**lab, reason=reason)
-        self.loss = Gauge("opd_loss", "Last step's loss terms and KL diagnostics",
-                          [*lab, "term"], registry=r)
-        self.steps = Counter("opd_learner_steps_total", "Optimizer steps", list(lab),
-                             registry=r).labels(**lab)
-        self.accuracy = Gauge("opd_sample_accuracy", "Verifier accuracy of trained samples",
-                              list(lab), registry=r).labels(**lab)
-        self.eval_accuracy = Gauge("opd_eval_accuracy", "Greedy verifier accuracy on held-out problems",
-                                   list(lab), registry=r).labels(**lab)
-        self.lab = lab
 
 
 class LearnerWorker:
