@@ -77,7 +77,7 @@ cleanup() {
 use_standins() {
   log "building stand-in base images and the wheelhouse (no registry)"
   scripts/standin-images.sh
-  ls deploy/wheels/torch-*.whl >/dev/null 2>&1 || scripts/wheelhouse.sh
+  scripts/wheelhouse.sh   # every time: adds what changed dependencies need (pip caches the rest)
   export OPD_PYTHON_IMAGE=opd-standin/python:3.11 OPD_REDIS_IMAGE=opd-standin/redis:7 \
          OPD_PROMETHEUS_IMAGE=opd-standin/prometheus:2 OPD_OFFLINE_WHEELS=1
 }
