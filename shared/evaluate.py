@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shared.task import Problem, is_correct, make_problems
@@ -53,21 +54,26 @@ def accuracy(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",
              problems: list[Problem], *, batch_size: int = 128,
              max_new_tokens: int = 8) -> float:
     """Fraction of ``problems`` whose greedy completion is exactly right."""
-    if not problems:
+    def correct_in(batch: list[Problem]) -> int:
+        completions = greedy_completions(model, tokenizer, [p.prompt for p in batch], max_new_tokens=max_new_tokens)
+        return sum(is_correct(c, p) for c, p in zip(completions, batch))
+
+    return _fraction_correct(model, problems, batch_size, correct_in)
+
+
+def _fraction_correct(model: "PreTrainedModel", items: list, batch_size: int,
+                      correct_in: Callable[[list], int]) -> float:
+    """sum(correct_in(batch)) / len(items) over batches of `items`, with the model in eval
+    mode meanwhile (its training flag restored after); 0 for no items."""
+    if not items:
         return 0.0
     was_training = model.training
     model.eval()
-    correct = 0
     try:
-        for start in range(0, len(problems), batch_size):
-            batch = problems[start:start + batch_size]
-            completions = greedy_completions(
-                model, tokenizer, [p.prompt for p in batch], max_new_tokens=max_new_tokens
-            )
-            correct += sum(is_correct(c, p) for c, p in zip(completions, batch))
+        correct = sum(correct_in(items[start:start + batch_size]) for start in range(0, len(items), batch_size))
     finally:
         model.train(was_training)
-    return correct / len(problems)
+    return correct / len(items)
 
 
 def greedy_from_ids(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",
@@ -93,20 +99,12 @@ def dataset_accuracy(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBa
     """Fraction of dataset rows whose greedy completion the verifier accepts."""
     from shared.datasets import prompt_ids
 
-    if not examples:
-        return 0.0
-    was_training = model.training
-    model.eval()
-    correct = 0
-    try:
-        for start in range(0, len(examples), batch_size):
-            batch = examples[start:start + batch_size]
-            ids = [prompt_ids(tokenizer, e, template_kwargs) for e in batch]
-            completions = greedy_from_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens)
-            correct += sum(bool(verifier(c, e.answer)) for c, e in zip(completions, batch))
-    finally:
-        model.train(was_training)
-    return correct / len(examples)
+    def correct_in(batch: list) -> int:
+        ids = [prompt_ids(tokenizer, e, template_kwargs) for e in batch]
+        completions = greedy_from_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens)
+        return sum(bool(verifier(c, e.answer)) for c, e in zip(completions, batch))
+
+    return _fraction_correct(model, examples, batch_size, correct_in)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
