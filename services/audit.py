@@ -6,7 +6,7 @@
 Each trajectory the rollouts handed off (the run's produced counter) is exactly one of:
 trained (the newest checkpoint's count: what the learner trained and will never train
 again), dropped for staleness or a foreign lineage, abandoned by a learner's rollback (its
-prompt re-queued), or still queued (trajectories + scored streams). A trajectory trained
+prompt re-queued), or still queued (every teacher's trajectories stream + the scored stream). A trajectory trained
 twice would be counted twice on the right-hand side, one lost on neither: both break the
 identity. Invalid messages dead-lettered with their reason are counted apart. Prints the
 table and exits 1 when the identity does not hold, when the learner's published counter
@@ -32,10 +32,11 @@ def accounting(client: redis.Redis, keys: Keys, trained: int) -> dict[str, int]:
     reasons = [f[b"reason"] for _, f in client.xrange(keys.dead)]
     dropped = sum(r.startswith(b"dropped") for r in reasons)
     abandoned = sum(r.startswith(b"abandoned") for r in reasons)
-    return {"trajectories_produced": int(client.hget(keys.produced, keys.trajectories) or 0),
+    streams = keys.trajectory_streams(client)  # the default teacher's and each teacher id's
+    return {"trajectories_produced": sum(int(client.hget(keys.produced, s) or 0) for s in streams),
             "trained": trained, "dropped_stale_or_foreign": dropped,
             "abandoned_by_rollback": abandoned, "invalid_dead_letters": len(reasons) - dropped - abandoned,
-            "still_queued": client.xlen(keys.trajectories) + client.xlen(keys.scored)}
+            "still_queued": sum(client.xlen(s) for s in streams) + client.xlen(keys.scored)}
 
 
 def balanced(outcome: dict[str, int]) -> bool:

@@ -2,7 +2,9 @@
 
 Trajectory number j (in admission order) is consumed around learner step j // B, so a
 rollout that generates with the newest weights v may start it only while
-`admitted + n <= (v + max_staleness + 1) * B`. The check-and-increment is one Lua script,
+`admitted + n <= (v + max_staleness + 1) * B + parked`, where `parked` counts trajectories
+waiting at teacher pools that are down (shared/teacher_pools.py: a dead pool must not
+starve the others of slots). The check-and-increment is one Lua script,
 atomic across any number of rollout replicas. B and max_staleness are the learner's: it
 writes them to the run's `limits` hash at start, so replicas cannot disagree with it.
 Grants not used (fewer prompts were available) and trajectories the learner drops are
@@ -43,7 +45,8 @@ local grant = 0
 if version >= 0 and batch >= 1 then
   local stale = tonumber(redis.call('HGET', KEYS[3], 'max_staleness') or '0')
   local admitted = tonumber(redis.call('GET', KEYS[1]) or '0')
-  grant = math.max(0, math.min(tonumber(ARGV[1]), (version + stale + 1) * batch - admitted))
+  local parked = tonumber(redis.call('HGET', KEYS[3], 'parked') or '0')
+  grant = math.max(0, math.min(tonumber(ARGV[1]), (version + stale + 1) * batch + parked - admitted))
 end
 if grant > 0 then  -- a retried zero grant took nothing: it may be answered afresh
   redis.call('SET', KEYS[4], grant, 'EX', 600)

@@ -2,8 +2,8 @@
 
 A row holds either `prompt` (text) or `messages` (chat turns: a list of {"role", "content"}
 string maps), plus optional `answer` (the reference the verifier grades against; a number
-is accepted and kept as its text) and `teacher_id` (which teacher the row asks for; carried
-on the wire, `""` = any). Unknown columns are ignored. `.parquet` files are read with
+is accepted and kept as its text) and `teacher_id` (the teacher pool that scores it: its
+trajectories go to that pool's stream, shared/teacher_pools.py; `""` = the default pool). Unknown columns are ignored. `.parquet` files are read with
 pyarrow, anything else as JSONL (one JSON object a line, blank lines skipped). Every row is
 validated when the file is loaded; a bad one raises `DatasetError` naming the file, the
 line (JSONL) or row (Parquet, 0-based) and the field.
@@ -23,6 +23,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from shared.keys import check_teacher_id
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -82,6 +84,10 @@ def parse_row(row: Any, where: str) -> Example:
     teacher_id = row.get("teacher_id") or ""
     if not isinstance(teacher_id, str):
         raise DatasetError(f"{where}: field 'teacher_id': need a string, got {type(teacher_id).__name__}")
+    try:
+        check_teacher_id(teacher_id)
+    except ValueError as e:
+        raise DatasetError(f"{where}: field 'teacher_id': {e}") from None
     return Example(prompt=prompt or "", answer=_answer(row.get("answer"), where),
                    messages=_messages(messages, where) if messages is not None else (),
                    teacher_id=teacher_id, where=where)

@@ -9,7 +9,18 @@ full table.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+TEACHER_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+"""What a teacher id may be: it becomes part of a stream name and a metric label."""
+
+
+def check_teacher_id(teacher_id: str) -> str:
+    """The id itself if it is "" (the default teacher) or a valid name, else ValueError."""
+    if teacher_id and not TEACHER_ID.fullmatch(teacher_id):
+        raise ValueError(f"teacher id {teacher_id!r}: use 1-64 letters, digits, '_', '.' or '-'")
+    return teacher_id
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,23 @@ class Keys:
     def trajectories(self) -> str:
         """Stream: Trajectory messages, rollout -> teacher."""
         return self._k("trajectories")
+
+    def trajectories_for(self, teacher_id: str) -> str:
+        """Stream: the trajectories one teacher pool scores, rollout -> teacher (`--teacher-id`):
+        `trajectories:<teacher_id>`; the default teacher ("") reads `trajectories`."""
+        return f"{self.trajectories}:{check_teacher_id(teacher_id)}" if teacher_id else self.trajectories
+
+    @property
+    def teachers(self) -> str:
+        """Hash: teacher id -> JSON status of its pool (replicas, queued, down), written by the
+        learner (services/learner/teacher_pools.py), read by rollouts for backpressure."""
+        return self._k("teachers")
+
+    @property
+    def tokenizer(self) -> str:
+        """Key: the student tokenizer's fingerprint (JSON), written by the learner; teachers
+        refuse to start with another (shared/tokenizer_check.py)."""
+        return self._k("tokenizer")
 
     @property
     def scored(self) -> str:
@@ -107,7 +135,15 @@ class Keys:
             self.prompts, self.trajectories, self.scored, self.dead,
             self.weights, self.versions, self.version, self.admitted, self.admission_tokens, self.record,
             self.limits, self.replicas, self.produced, self.stats, self.rollout_seq, self.samples,
+            self.teachers, self.tokenizer,
         ]
+
+    def trajectory_streams(self, client) -> list[str]:
+        """Every trajectories stream of the run: the default one and each teacher id's that
+        was ever written (the `produced` hash has a field per stream handed off to)."""
+        prefix = self.trajectories + ":"
+        named = sorted(f.decode() for f in client.hkeys(self.produced) if f.decode().startswith(prefix))
+        return [self.trajectories, *named]
 
 
 GROUPS = {"prompts": "rollout", "trajectories": "teacher", "scored": "learner"}

@@ -125,7 +125,7 @@ class ServiceMetrics:
             self.stream_added.labels(**self._labels, stream=stream).set(st.entries_added)
 
     def depth(self, stream: str, value: int) -> None:
-        self.queue_depth.labels(**self._labels, stream=stream.rsplit(":", 1)[-1]).set(value)
+        self.queue_depth.labels(**self._labels, stream=stream.split(":", 2)[-1]).set(value)  # opd:<run>:NAME
 
 
 def serve(

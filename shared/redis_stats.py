@@ -26,17 +26,20 @@ class StreamStats:
 @dataclass(frozen=True)
 class RedisStats:
     used_memory_bytes: int
-    streams: dict[str, StreamStats]  # short name (prompts, trajectories, scored, dead) -> stats
+    streams: dict[str, StreamStats]  # short name (prompts, trajectories[:<teacher id>], scored, dead) -> stats
 
 
-def run_streams(keys: Keys) -> dict[str, str]:
-    """The run's streams by the short name the metrics use."""
-    return {"prompts": keys.prompts, "trajectories": keys.trajectories, "scored": keys.scored, "dead": keys.dead}
+def run_streams(keys: Keys, teacher_streams: list[str] | None = None) -> dict[str, str]:
+    """The run's streams by the short name the metrics use (each teacher id's trajectories
+    stream as `trajectories:<id>`)."""
+    named = {s.split(":", 2)[-1]: s for s in teacher_streams or [] if s != keys.trajectories}
+    return {"prompts": keys.prompts, "trajectories": keys.trajectories, **named, "scored": keys.scored,
+            "dead": keys.dead}
 
 
 def read_redis_stats(client: redis.Redis, keys: Keys) -> RedisStats:
     """Memory and per-stream stats; a stream that does not exist (yet) reads as empty."""
-    streams = run_streams(keys)
+    streams = run_streams(keys, keys.trajectory_streams(client))
     pipe = client.pipeline(transaction=False)
     pipe.info("memory")
     for key in streams.values():

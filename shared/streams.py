@@ -104,9 +104,9 @@ class DeadLetters:
     max_payload_bytes: int = 65_536
 
 
-def _produced_key(stream: str) -> str:
-    """The run's `produced` hash, from any of its stream names (opd:<run>:<name>)."""
-    return stream.rsplit(":", 1)[0] + ":produced"
+def produced_key(stream: str) -> str:
+    """The run's `produced` hash, from any of its stream names (opd:<run>:<name>[:<teacher id>])."""
+    return ":".join(stream.split(":", 2)[:2]) + ":produced"
 
 
 def connect(url: str) -> redis.Redis:
@@ -348,7 +348,7 @@ class StreamConsumer:
             flat = [x for fields in part for x in fields]
             try:
                 owned += self._move_script(
-                    keys=[stream or self.stream, self.stream, _produced_key(self.stream), result],
+                    keys=[stream or self.stream, self.stream, produced_key(self.stream), result],
                     args=[self.group, self.consumer, len(part), width, maxlen, *flat, *ids[start:start + MOVE_CHUNK]])
             except redis.ResponseError as e:
                 if "NOGROUP" not in str(e):
@@ -413,7 +413,7 @@ def backlog(client: redis.Redis, stream: str) -> int:
 
 def wait_for_room(
     client: redis.Redis,
-    stream: str,
+    stream: str | Callable[[], Sequence[str]],
     max_backlog: int,
     need: int = 1,
     *,
@@ -421,8 +421,10 @@ def wait_for_room(
     on_wait: Callable[[], None] = lambda: None,
     poll_s: float = 0.05,
 ) -> bool:
-    """Backpressure: block until `stream` has room for `need` more entries. False if stopped."""
-    while backlog(client, stream) + need > max_backlog:
+    """Backpressure: block until `stream` has room for `need` more entries (or, given a
+    function naming streams, each of those it names at the time). False if stopped."""
+    streams = (lambda: [stream]) if isinstance(stream, str) else stream
+    while any(backlog(client, s) + need > max_backlog for s in streams()):
         if stop():
             return False
         on_wait()
@@ -450,4 +452,4 @@ def produce(client: redis.Redis, stream: str, payloads: Sequence[bytes], counter
         return 0
     token = f"{stream}:dedup:{uuid.uuid4().hex}"
     script = client.register_script(_PRODUCE)
-    return int(script(keys=[stream, token, _produced_key(stream)], args=[counter, *payloads]))
+    return int(script(keys=[stream, token, produced_key(stream)], args=[counter, *payloads]))

@@ -121,6 +121,15 @@ def _get(d: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) 
     return value
 
 
+def _teacher_id(value: str, where: str) -> str:
+    from shared.keys import check_teacher_id
+
+    try:
+        return check_teacher_id(value)
+    except ValueError as e:
+        raise WireError(f"{where}: {e}") from None
+
+
 def _opt(w: ArrayWriter, a: np.ndarray | None, dtype: type) -> dict[str, Any] | None:
     return None if a is None else w.add(np.asarray(a, dtype))
 
@@ -137,7 +146,7 @@ class Prompt:
     answer: str  # reference answer for exact-match reward/accuracy ("" when unknown)
     weight_version: int  # learner version when the prompt was enqueued
     created_at: float = field(default_factory=time.time)
-    teacher_id: str = ""  # the dataset's requested teacher ("" = any); carried, not yet routed on
+    teacher_id: str = ""  # the teacher pool that scores it ("" = the default pool), see shared/teacher_pools.py
 
     def to_dict(self, w: ArrayWriter) -> dict[str, Any]:
         return {
@@ -160,7 +169,7 @@ class Prompt:
             answer=_get(d, "answer", str, where),
             weight_version=_get(d, "weight_version", int, where),
             created_at=float(_get(d, "created_at", (int, float), where)),
-            teacher_id=_get(d, "teacher_id", str, where) if "teacher_id" in d else "",
+            teacher_id=_teacher_id(_get(d, "teacher_id", str, where) if "teacher_id" in d else "", where),
         )
 
 

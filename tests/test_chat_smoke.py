@@ -44,7 +44,8 @@ def test_chat_jsonl_with_numeric_answers_trains(tmp_path: Path, redis_server, cl
             "prompt_backlog": 32, "checkpoint_dir": tmp_path / "ckpt", "http_port": free_port(),
             "prompts_file": tmp_path / "train.jsonl", "eval_file": tmp_path / "eval.jsonl", "eval_every": 2,
             "verifier": "numeric", "chat_template": TEMPLATE, "samples_every": 1, "samples_per_step": 2})
-        launcher.start("teacher", "teacher", {**common, "batch_size": 8, "http_port": free_port()})
+        launcher.start("teacher", "teacher", {**common, "batch_size": 8, "http_port": free_port(),
+                                              "teacher_id": "adder"})  # the rows' teacher_id routes to it
         launcher.start("rollout", "rollout", {**common, "batch_size": 8, "http_port": free_port()})
         wait_until(lambda: client.hget(keys.stats, "status") == b"finished", 180, "the learner to finish", launcher)
         launcher.stop()

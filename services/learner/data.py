@@ -40,10 +40,20 @@ class LearnerData:
                        load(s.eval_file)[:s.eval_problems] if s.eval_file else [])
         except ValueError as e:  # DatasetError included
             raise BadInputError(f"opd-learner: {e}") from None
+        if not s.prompts_file:
+            check_tasks(list(s.tasks))
         if data.prompts:
             log.info("prompts: %d rows from %s (%d chat)", len(data.prompts), s.prompts_file,
                      sum(r.is_chat for r in data.prompts))
         return data
+
+    def teacher_ids(self, s: LearnerSettings) -> list[str]:
+        """The teacher ids this run's prompts ask for ("" = the default pool)."""
+        from services.learner.held_out import teacher_id_of_task
+
+        if self.prompts:
+            return sorted({row.teacher_id for row in self.prompts})
+        return [teacher_id_of_task(list(s.tasks), task) for task in s.tasks]
 
     def check_tokenisable(self, tokenizer: Any, template_kwargs: dict[str, Any]) -> None:
         """Tokenise every row once: a template or tokenizer problem fails now, not mid-run."""
@@ -52,3 +62,16 @@ class LearnerData:
                 check_encodable(tokenizer, rows, template_kwargs)
         except DatasetError as e:
             raise BadInputError(f"opd-learner: {e}") from None
+
+
+def check_tasks(tasks: list[str]) -> None:
+    """Known built-in task names, each once (BadInputError otherwise)."""
+    if not tasks or len(set(tasks)) != len(tasks):
+        raise BadInputError(f"opd-learner: tasks {tasks}: name each built-in task once")
+    if tasks == ["addition"]:
+        return
+    from shared.builtin_tasks import TASKS
+
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise BadInputError(f"opd-learner: unknown built-in task(s) {unknown}; known: {sorted(TASKS)}")

@@ -1,11 +1,13 @@
 """Prompt feeder: keeps the prompts stream filled for the rollouts, bounded by backpressure.
 
 Runs as a daemon thread in the learner process (the learner owns the data order). Prompts
-come from the built-in addition task (train split, endless, seeded) or a dataset file (JSONL
+come from the built-in tasks (train split, endless, seeded; several tasks interleave, each
+routed to its own teacher pool by name) or a dataset file (JSONL
 or Parquet, text or chat rows, validated up front: shared/datasets.py), cycled. Each is
 tokenised with the student's tokenizer: `tokenizer(text)` (its own BOS convention applies), or
 a chat row through its chat template (`shared.datasets.prompt_ids`). A row's `teacher_id`
-travels on the Prompt.
+travels on the Prompt; rows for a teacher pool that is down (shared/teacher_pools.py) are
+passed over while it is, counted, so the other pools' prompts keep flowing.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import redis
 
 from shared.datasets import Example, prompt_ids
-from shared.streams import produce, wait_for_room
+from shared.streams import produce, produced_key, wait_for_room
 from shared.task import Problem, make_problems
 from shared.wire import Prompt, encode
 
@@ -29,10 +31,21 @@ log = logging.getLogger("opd.feeder")
 CHUNK = 256
 
 
-def builtin_problems(seed: int) -> Iterator[Problem]:
-    """Endless train-split problems: fresh chunks with successive seeds."""
+def builtin_problems(seed: int, tasks: tuple[str, ...] | list[str] = ("addition",)) -> Iterator[Problem | Example]:
+    """Endless train-split problems: fresh chunks with successive seeds. One task: its
+    Problems (the default teacher pool); several: the tasks' chunks interleaved row by row,
+    each row an Example whose teacher_id is its task's name."""
+    if list(tasks) == ["addition"]:
+        for i in itertools.count():
+            yield from make_problems(CHUNK, seed=seed * 1_000_003 + i, split="train")
+    from shared.builtin_tasks import problems
+
     for i in itertools.count():
-        yield from make_problems(CHUNK, seed=seed * 1_000_003 + i, split="train")
+        chunks = [[Example(prompt=p.prompt, answer=p.answer, teacher_id=task if len(tasks) > 1 else "",
+                           where=f"builtin:{task}")
+                   for p in problems(task, CHUNK, seed=seed * 1_000_003 + i, split="train")] for task in tasks]
+        for row in itertools.chain.from_iterable(zip(*chunks)):
+            yield row
 
 
 def file_problems(examples: list[Example]) -> Iterator[Example]:
@@ -52,9 +65,13 @@ def resume_position(client: redis.Redis, produced_key: str, checkpointed: int) -
 class PromptFeeder:
     def __init__(self, client: redis.Redis, stream: str, tokenizer, problems: Iterator[Problem | Example],
                  backlog: int, version: Callable[[], int], fed: int = 0,
-                 template_kwargs: dict[str, Any] | None = None) -> None:
+                 template_kwargs: dict[str, Any] | None = None,
+                 skip: Callable[[str], bool] = lambda teacher_id: False,
+                 on_skip: Callable[[str], None] = lambda teacher_id: None) -> None:
+        """`skip(teacher_id)`: rows for this teacher are passed over for now (its pool is down),
+        each reported to `on_skip`."""
         self.client, self.stream, self.tokenizer = client, stream, tokenizer
-        self.template_kwargs = template_kwargs or {}
+        self.template_kwargs, self.skip, self.on_skip = template_kwargs or {}, skip, on_skip
         self.problems, self.backlog, self.version = problems, backlog, version
         self.fed = fed  # problems taken from the source so far (checkpointed)
         self.error: BaseException | None = None
@@ -87,11 +104,24 @@ class PromptFeeder:
             batch = list(itertools.islice(self.problems, chunk))
             if not batch:
                 return
-            produce(self.client, self.stream, [encode(self._prompt(p)) for p in batch], counter=FED_FIELD)
+            keep = []
+            for p in batch:
+                if self.skip(teacher_of(p)):
+                    self.on_skip(teacher_of(p))
+                else:
+                    keep.append(p)
+            produce(self.client, self.stream, [encode(self._prompt(p)) for p in keep], counter=FED_FIELD)
+            if len(keep) < len(batch):  # the position counts rows passed over too
+                self.client.hincrby(produced_key(self.stream), FED_FIELD, len(batch) - len(keep))
             self.fed += len(batch)
 
     def _prompt(self, problem: Problem | Example) -> Prompt:
         ids = prompt_ids(self.tokenizer, problem, self.template_kwargs)
         return Prompt(prompt_id=uuid.uuid4().hex, prompt_ids_P=np.asarray(ids, np.int32),
                       answer=problem.answer, weight_version=self.version(),
-                      teacher_id=getattr(problem, "teacher_id", ""))
+                      teacher_id=teacher_of(problem))
+
+
+def teacher_of(problem: Problem | Example) -> str:
+    """The teacher id a row asks for ("" for the built-in task's Problems: the default pool)."""
+    return getattr(problem, "teacher_id", "")

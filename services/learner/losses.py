@@ -3,8 +3,8 @@
 Notation (docs/losses.md): mu = behaviour student that sampled the prefix, pi = current
 student at the learner, p = teacher, y_t = sampled token. Every estimator returns a
 per-position loss [B, T] from log-probs at a few ids per position (never a [B, T, V]
-tensor); `objective` weights, down-weights (drift control) and sums them over response
-tokens, divided by the step's token count. No I/O here: tests/test_losses.py checks each against dense
+tensor); `objective` weights, down-weights (drift control, per-teacher weights) and sums
+them over response tokens, divided by the step's token count. No I/O here: tests/test_losses.py checks each against dense
 float64 references.
 
     python -c "import services.learner.losses as L; print(sorted(L.ESTIMATORS))"
@@ -130,6 +130,7 @@ class LossInputs:
     teacher_draw_logprobs_BTN: torch.Tensor | None = None
     student_top_ids_BTk: torch.Tensor | None = None  # the student's own top-k ids (drift control)
     m2po_keep_BT: torch.Tensor | None = None  # M2PO's keep-mask when fixed over a whole step
+    sequence_weights_B: torch.Tensor | None = None  # per-trajectory loss weight (per-teacher weights)
 
     def on_topk(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(student, teacher) log-probs renormalised over the teacher's top-k support."""
@@ -211,6 +212,7 @@ class ObjectiveOutput:
     loss: torch.Tensor
     metrics: dict[str, float]
     sequence_log_weights_B: torch.Tensor
+    sequence_losses_B: torch.Tensor  # each trajectory's weighted loss summed over its tokens (detached)
 
 
 def objective(x: LossInputs, cfg: ObjectiveConfig | dict[str, float],
@@ -228,15 +230,20 @@ def objective(x: LossInputs, cfg: ObjectiveConfig | dict[str, float],
         weights_BT = drift_weights(overlap, x.mask_BT, cfg.drift)
         metrics.update({"drift/overlap": float((overlap.double() * x.mask_BT).sum()) / denom,
                         "drift/weight": float(weights_BT.double().sum()) / denom})
+    if x.sequence_weights_B is not None:
+        weights_BT = weights_BT * x.sequence_weights_B.to(weights_BT.dtype)[:, None]
     total = x.student_sampled_BT.new_zeros(())
+    per_sequence_B = x.student_sampled_BT.new_zeros(x.mask_BT.shape[0])
     for name, w in cfg.losses.items():
-        term = (ESTIMATORS[name](x, cfg) * weights_BT).sum() / denom
+        term_BT = ESTIMATORS[name](x, cfg) * weights_BT
+        term = term_BT.sum() / denom
         metrics[f"loss/{name}"] = float(term.detach())
         total = total + w * term
+        per_sequence_B = per_sequence_B + w * term_BT.detach().sum(-1)
     metrics.update(_diagnostics(x, denom))
     metrics["loss/total"] = float(total.detach())
     return ObjectiveOutput(total, metrics, sequence_log_weights(x.student_sampled_BT,
-                                                                x.behaviour_logprobs_BT, x.mask_BT))
+                                                                x.behaviour_logprobs_BT, x.mask_BT), per_sequence_B)
 
 
 def _diagnostics(x: LossInputs, denom: float) -> dict[str, float]:

@@ -1,6 +1,9 @@
 """The learner's own Prometheus metrics (staleness histogram, drops by reason, loss terms,
-steps, sample and held-out accuracy), in the service's registry beside the shared ones
-(shared/monitoring.py). Counters by reason are exported as 0 from the start.
+steps, sample and held-out accuracy, and the same per teacher id), in the service's registry
+beside the shared ones (shared/monitoring.py). Counters by reason are exported as 0 from the
+start. Per teacher (label teacher_id; the default pool is `default`): trained tokens and
+trajectories (counters: a teacher's share is its rate over the sum), the last step's loss
+per token and sample accuracy, and held-out accuracy.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from services.learner.staleness import STALENESS_BUCKETS
 
 if TYPE_CHECKING:
     from shared.service import Context
+    from shared.wire import ScoredTrajectory
 
 
 class LearnerMetrics:
@@ -35,4 +39,27 @@ class LearnerMetrics:
                               list(lab), registry=r).labels(**lab)
         self.eval_accuracy = Gauge("opd_eval_accuracy", "Greedy verifier accuracy on held-out problems",
                                    list(lab), registry=r).labels(**lab)
+        teacher = [*lab, "teacher_id"]
+        self.teacher_tokens = Counter("opd_teacher_trained_tokens", "Response tokens trained, per teacher id",
+                                      teacher, registry=r)
+        self.teacher_trajectories = Counter("opd_teacher_trained_trajectories", "Trajectories trained, per teacher id",
+                                            teacher, registry=r)
+        self.teacher_loss = Gauge("opd_teacher_loss", "Last step's loss per response token, per teacher id",
+                                  teacher, registry=r)
+        self.teacher_accuracy = Gauge("opd_teacher_sample_accuracy", "Verifier accuracy of the last step's "
+                                      "samples, per teacher id", teacher, registry=r)
+        self.teacher_eval = Gauge("opd_teacher_eval_accuracy", "Greedy held-out accuracy, per teacher id",
+                                  teacher, registry=r)
         self.lab = lab
+
+    def teachers(self, batch: list[ScoredTrajectory], correct: list[bool], metrics: dict[str, float]) -> None:
+        """One step's per-teacher numbers (its `teacher_loss/<id>` metrics are taken out of `metrics`)."""
+        groups: dict[str, list[int]] = {}
+        for i, m in enumerate(batch):
+            groups.setdefault(m.trajectory.prompt.teacher_id, []).append(i)
+        for tid, rows in groups.items():
+            lab = {**self.lab, "teacher_id": tid or "default"}
+            self.teacher_tokens.labels(**lab).inc(sum(batch[i].trajectory.num_tokens for i in rows))
+            self.teacher_trajectories.labels(**lab).inc(len(rows))
+            self.teacher_accuracy.labels(**lab).set(sum(correct[i] for i in rows) / len(rows))
+            self.teacher_loss.labels(**lab).set(metrics.pop(f"teacher_loss/{tid}", 0.0))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import ScoringSettings
@@ -90,8 +90,19 @@ class LearnerSettings(ScoringSettings):
     """The prompt feeder keeps this many prompts queued for the rollouts."""
     prompts_file: str = ""
     """Training prompts, JSONL or .parquet: per row `prompt` (text) or `messages` (chat turns),
-    optional `answer` and `teacher_id` (shared/datasets.py); empty: the built-in addition task.
+    optional `answer` and `teacher_id` (shared/datasets.py); empty: the built-in `tasks`.
     Every row is validated before the learner publishes anything."""
+    tasks: list[str] = Field(default_factory=lambda: ["addition"])
+    """Built-in tasks to train on when there is no prompts_file, JSON, e.g. '["addition", "list"]'
+    (shared/builtin_tasks.py). With several, prompts mix them evenly and each prompt's
+    teacher_id is its task's name: start a teacher pool per task (`opd-teacher --teacher-id list
+    --model builtin:list-teacher`); with one, the default pool scores it."""
+    teacher_weights: dict[str, float] = Field(default_factory=dict)
+    """Loss weight per teacher id, JSON, e.g. '{"list": 2.0}' (others 1; "" is the default pool):
+    multiplies every loss term of that teacher's trajectories."""
+    teacher_live_s: float = Field(default=15.0, gt=0)
+    """A teacher replica counts as live while its last status report (every 2 s) is younger than
+    this; a pool with work queued and no live replica is down (shared/teacher_pools.py)."""
     verifier: str = "exact"
     """Grades completions against answers for the sample accuracy and the held-out evaluation:
     exact, numeric (final number: \\boxed{}, ####, last number), or module:function (shared/verifiers.py)."""
@@ -138,6 +149,17 @@ class LearnerSettings(ScoringSettings):
     """N > 1 ranks: a collective waiting longer than this fails and ends the learner (NCCL's
     only way to notice a hung peer; must exceed rank 0's longest stretch without a command:
     an evaluation, a slow publish, a Redis outage)."""
+
+    @field_validator("teacher_weights")
+    @classmethod
+    def _weights(cls, value: dict[str, float]) -> dict[str, float]:
+        from shared.keys import check_teacher_id
+
+        for teacher_id, weight in value.items():
+            check_teacher_id(teacher_id)
+            if weight < 0:
+                raise ValueError(f"teacher_weights[{teacher_id!r}] = {weight}: weights must be >= 0")
+        return value
 
     @model_validator(mode="after")
     def _default_lr(self) -> LearnerSettings:

@@ -69,7 +69,7 @@ class Student:
                                schedule=LrSchedule(s.warmup_steps, s.lr_schedule, s.max_steps, s.lr_min_ratio),
                                pad_id=int(self.tokenizer.pad_token_id), chunk_tokens=s.logprob_chunk_tokens,
                                max_tokens_per_microbatch=s.max_tokens_per_microbatch, dtype=s.dtype,
-                               forward=forward, ranks=ranks)
+                               forward=forward, ranks=ranks, teacher_weights=s.teacher_weights)
         self._stale = False  # rank 0's plain copy is behind the sharded weights
         self._last = time.monotonic()
         if ranks.distributed:

@@ -8,7 +8,9 @@ with gradients, takes log pi at the ids the estimators need through the chunked 
 configured estimators (losses.py) normalised by the whole step's token count and
 backpropagates. Gradients accumulate, so the update equals the one-batch update; M2PO's
 mask and VCPO's learning-rate factor, which look across the batch, are computed over the
-whole step too. Then clip and AdamW.
+whole step too. Then clip and AdamW. Per-teacher loss weights scale every loss term of
+a trajectory by its prompt's teacher id's weight; the step reports each teacher's loss per
+response token (`teacher_loss/<id>`).
 
 Over N ranks (a torchrun learner: services/learner/student.py) every rank gets the whole
 step and trains its shard (shared/microbatch.py `shards`: about equal tokens per rank)
@@ -69,15 +71,18 @@ class Trainer:
                  grad_clip: float, objective: ObjectiveConfig, pad_id: int, warmup_steps: int = 0,
                  chunk_tokens: int = 1024, max_tokens_per_microbatch: int = 0,
                  dtype: str = "float32", schedule: LrSchedule | None = None,
-                 forward: torch.nn.Module | None = None, ranks: Ranks | None = None) -> None:
+                 forward: torch.nn.Module | None = None, ranks: Ranks | None = None,
+                 teacher_weights: dict[str, float] | None = None) -> None:
         """`forward`: the module that runs the student's log-probs (over N ranks: the sharded
-        one from sharding.wrap; default CompletionLogprobs(model)); `ranks`: this rank's place."""
+        one from sharding.wrap; default CompletionLogprobs(model)); `ranks`: this rank's place;
+        `teacher_weights`: loss weight per prompt teacher id (others 1)."""
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"learner dtype must be float32 or bfloat16, got {dtype!r}")
         self.model, self.grad_clip, self.objective, self.pad_id = model, grad_clip, objective, pad_id
         self.forward = forward if forward is not None else CompletionLogprobs(model)
         self.ranks = ranks or Ranks()
         self.lr, self.steps = lr, 0
+        self.teacher_weights = dict(teacher_weights or {})
         self.schedule = schedule or LrSchedule(warmup_steps=warmup_steps)
         self.chunk_tokens, self.max_tokens, self.dtype = chunk_tokens, max_tokens_per_microbatch, dtype
         self.device = next(model.parameters()).device
@@ -100,6 +105,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         metrics.update(lr=lr, lr_scale=lr_scale)
+        per_teacher_loss(metrics, batch)
         self.optimizer.step()
         self.forward.eval()
         return metrics
@@ -120,6 +126,9 @@ class Trainer:
             log_w.append(out.sequence_log_weights_B)
             rows += g
             merge_metrics(metrics, out.metrics)
+            for i, loss in zip(g, out.sequence_losses_B.tolist()):
+                key = f"teacher_loss_sum/{batch[i].trajectory.prompt.teacher_id}"
+                metrics[key] = metrics.get(key, 0.0) + loss
         metrics["microbatches"] = sum(g is not None for g in groups)
         merged: dict[str, float] = {}
         for part in self.ranks.all_gather(metrics):
@@ -222,6 +231,8 @@ class Trainer:
             teacher_draw_logprobs_BTN=stack([s.draw_logprobs_TN for s in scores]).to(sampled.dtype) if draws else None,
             student_top_ids_BTk=top_ids if drift.enabled else None,
             m2po_keep_BT=None if m2po_keep_BT is None else m2po_keep_BT[:, :t_max],
+            sequence_weights_B=torch.tensor([self.teacher_weights.get(t.prompt.teacher_id, 1.0) for t in trajs],
+                                            device=self.device) if self.teacher_weights else None,
         )
 
     def _vocab(self) -> int:
@@ -232,6 +243,17 @@ def merge_metrics(into: dict[str, float], new: dict[str, float]) -> None:
     """Add one pass's (or one rank's) metrics: sums, except `*/max` keys, which take the max."""
     for key, value in new.items():
         into[key] = max(into.get(key, value), value) if key.endswith("/max") else into.get(key, 0.0) + value
+
+
+def per_teacher_loss(metrics: dict[str, float], batch: list[ScoredTrajectory]) -> None:
+    """Turn the step's per-teacher loss sums into `teacher_loss/<teacher id>`: that teacher's
+    (weighted) loss per response token, comparable to loss/total."""
+    tokens: dict[str, int] = {}
+    for b in batch:
+        tid = b.trajectory.prompt.teacher_id
+        tokens[tid] = tokens.get(tid, 0) + b.trajectory.num_tokens
+    for tid, n in tokens.items():
+        metrics[f"teacher_loss/{tid}"] = metrics.pop(f"teacher_loss_sum/{tid}", 0.0) / max(1, n)
 
 
 def _lengths(batch: list[ScoredTrajectory]) -> list[int]:

@@ -29,6 +29,7 @@ from typing import Any
 
 from services.learner import checkpoint
 from services.learner.data import LearnerData
+from services.learner.held_out import HeldOut
 from services.learner.distributed import Ranks
 from services.learner.metrics import LearnerMetrics
 from services.learner.samples import SampleLog
@@ -54,7 +55,8 @@ class LearnerWorker:
 
         self.ctx, self.s = ctx, settings
         self.data = LearnerData.load(settings)  # before the (slow) model load: a bad row fails at once
-        self.verifier, self.eval_set = self.data.verifier, self.data.eval_set
+        self.verifier = self.data.verifier
+        self.held_out = HeldOut(settings, self.data.eval_set, self.verifier)
         self.student = Student(settings, ranks or Ranks.start(settings.device, settings.dist_timeout_s))
         self.tokenizer, self.vocab_size = self.student.tokenizer, self.student.vocab_size
         if settings.chat_template:  # saved with the final student, so its tokenizer keeps it
@@ -118,6 +120,7 @@ class LearnerWorker:
                     batch, ids = self._train(batch, ids)
         finally:
             feeder.close()
+            self.pools.close()
         self._finish(completed=self._done())
         self.student.close()  # the other ranks (if any) exit: nothing left that takes them all
         if self._done() and self.s.idle_when_done:
@@ -131,13 +134,15 @@ class LearnerWorker:
 
     def _start(self):
         from services.learner.feeder import PromptFeeder, builtin_problems, file_problems, resume_position
+        from services.learner.pool_monitor import PoolMonitor
+        from shared.tokenizer_check import publish as publish_tokenizer
 
         ctx, keys = self.ctx, self.ctx.keys
         self.data.check_tokenisable(self.tokenizer, self.s.chat_template_kwargs)  # before anything is deleted
         if self.s.reset:  # explicit: the run's streams, counts and checkpoints go
             import shutil
 
-            ctx.client.delete(*keys.all())
+            ctx.client.delete(*keys.trajectory_streams(ctx.client), *keys.all())
             shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
             log.warning("--reset: deleted run %r's keys and checkpoints in %s", self.s.run, self.checkpoint_dir)
         ckpt = checkpoint.latest(self.checkpoint_dir) if self.s.resume else None
@@ -147,17 +152,22 @@ class LearnerWorker:
                 f"checkpoint in {self.checkpoint_dir}: pass --checkpoint-dir with its checkpoints to resume, "
                 "--reset to delete the run and start over, or a new --run name")
         set_limits(ctx.client, keys, self.s.batch_size, self.s.max_staleness, reset=ckpt is None)
+        publish_tokenizer(ctx.client, keys, self.tokenizer, self.s.model)  # teachers check theirs against it
         self.consumer = self.ctx.consumer(keys.scored, "learner",
                                           on_poison=release_poison(self.admission, ScoredTrajectory))
         if ckpt is not None:
             self._restore(ckpt)
-        problems = file_problems(self.data.prompts) if self.s.prompts_file else builtin_problems(self.s.seed)
+        problems = file_problems(self.data.prompts) if self.s.prompts_file else \
+            builtin_problems(self.s.seed, self.s.tasks)
+        self.pools = PoolMonitor(ctx.client, keys, self.data.teacher_ids(self.s), ctx.metrics.registry, self.lm.lab,
+                                 self.s.teacher_live_s).start()
         # resume the prompt order after the last prompt fed (Redis counts it with each XADD, so
         # prompts fed after the checkpoint, still in the stream, are not fed twice)
         fed = resume_position(ctx.client, keys.produced, self.resumed.get("prompts_fed", 0))
         self.feeder = PromptFeeder(ctx.client, keys.prompts, self.tokenizer,
                                    itertools.islice(problems, fed, None), self.s.prompt_backlog,
-                                   lambda: self.version, fed=fed, template_kwargs=self.s.chat_template_kwargs)
+                                   lambda: self.version, fed=fed, template_kwargs=self.s.chat_template_kwargs,
+                                   skip=self.pools.down, on_skip=self.pools.count_skipped)
         # a new run's version 0, or a restore's new epoch: checkpointed before it is published or
         # trained, so a restart from here on resumes (never starts over) and never reuses an epoch
         self._checkpoint()
@@ -262,33 +272,29 @@ class LearnerWorker:
         return [i for i in range(len(batch)) if i not in failed]
 
     def _evaluate(self) -> None:
-        """Held-out greedy accuracy of the current weights: gauge, log, and the stats' curve."""
-        from shared.evaluate import EVAL_SEED, accuracy, dataset_accuracy
-        from shared.task import make_problems
-
-        if self.s.prompts_file and not self.eval_set:
+        """Held-out greedy accuracy of the current weights (per teacher id): gauges, log, the stats' curve."""
+        if not self.held_out.size:
             return  # a prompts file without an eval file: nothing held out to grade
         self.ctx.heartbeat.beat("evaluating")
-        problems = self.eval_set or make_problems(self.s.eval_problems, seed=EVAL_SEED, split="eval")
         with self.student.evaluated() as model:
-            if self.eval_set:
-                acc = dataset_accuracy(model, self.tokenizer, problems, self.verifier,
-                                       template_kwargs=self.s.chat_template_kwargs,
-                                       max_new_tokens=self.s.eval_max_new_tokens)
-            else:
-                acc = accuracy(model, self.tokenizer, problems, max_new_tokens=self.s.eval_max_new_tokens)
+            acc, per = self.held_out.evaluate(model, self.tokenizer)
         self.lm.eval_accuracy.set(acc)
-        self.stats.setdefault("eval_curve", []).append(
-            {"step": self.version, "accuracy": round(acc, 4), "elapsed_s": round(time.time() - self.started_at, 2)})
+        for tid, value in per.items():
+            self.lm.teacher_eval.labels(**self.lm.lab, teacher_id=tid or "default").set(value)
+        point = {"step": self.version, "accuracy": round(acc, 4), "elapsed_s": round(time.time() - self.started_at, 2)}
+        if len(per) > 1:
+            point["by_teacher"] = {tid: round(v, 4) for tid, v in per.items()}
+        self.stats.setdefault("eval_curve", []).append(point)
         self.ctx.client.hset(self.ctx.keys.stats, "eval_curve", json.dumps(self.stats["eval_curve"]))
-        log.info("step %d held-out accuracy %.3f (%d problems)", self.version, acc, len(problems))
+        log.info("step %d held-out accuracy %.3f (%d problems)%s", self.version, acc, self.held_out.size,
+                 "".join(f" {tid}={v:.3f}" for tid, v in per.items()) if len(per) > 1 else "")
 
     def _account(self, batch: list[ScoredTrajectory], metrics: dict[str, float], elapsed: float) -> None:
-        correct = sum(
-            bool(self.verifier(self.tokenizer.decode(m.trajectory.completion_ids_T, skip_special_tokens=True),
-                               m.trajectory.prompt.answer))
-            for m in batch
-        )
+        flags = [bool(self.verifier(self.tokenizer.decode(m.trajectory.completion_ids_T, skip_special_tokens=True),
+                                    m.trajectory.prompt.answer)) for m in batch]
+        correct = sum(flags)
+        self.lm.teachers(batch, flags, metrics)
+        self._count_teachers(batch, flags)
         self.samples.maybe_write(self.version, batch)
         tokens = sum(m.trajectory.num_tokens for m in batch)
         self.stats["trained_tokens"] += tokens
@@ -309,6 +315,15 @@ class LearnerWorker:
         log.info("step %d loss %.4f fkl %.4f sample_acc %.2f staleness %s", self.version,
                  metrics["loss/total"], metrics["kl/forward_topk"], correct / len(batch),
                  self.tracker.summary()["histogram"])
+
+    def _count_teachers(self, batch: list[ScoredTrajectory], flags: list[bool]) -> None:
+        """Per teacher id, in the stats (checkpointed): trained trajectories, tokens, correct samples."""
+        per = self.stats.setdefault("teachers", {})
+        for m, ok in zip(batch, flags):
+            row = per.setdefault(m.trajectory.prompt.teacher_id, {"trajectories": 0, "tokens": 0, "correct": 0})
+            row["trajectories"] += 1
+            row["tokens"] += m.trajectory.num_tokens
+            row["correct"] += int(ok)
 
     def _publish(self) -> None:
         finished = time.time()
@@ -341,6 +356,7 @@ class LearnerWorker:
             "sample_correct": self.stats["correct"],
             "sample_accuracy": round(sample_accuracy, 4),
             "staleness": json.dumps(summary), "metrics": json.dumps(metrics),
+            "teachers": json.dumps(self.stats.get("teachers", {})),
             "max_staleness": self.s.max_staleness, "batch_size": self.s.batch_size,
         })
 

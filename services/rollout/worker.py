@@ -6,7 +6,9 @@ no work is started that would exceed the learner's staleness bound. Prompts are 
 (ids inside the student's vocabulary) and each valid one holds an admission token. Before
 sampling it loads the newest announced weight version if it is newer than its own. A
 prompt whose generation fails on its own is dead-lettered with the error; the rest of the
-batch goes on. Trajectories are written and the prompts acked in one server-side script.
+batch goes on. Trajectories are written and the prompts acked in one server-side script,
+each to its prompt's teacher's stream (`trajectories:<teacher_id>`, shared/teacher_pools.py);
+backpressure waits on the streams of every teacher pool that is not down.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from shared.run_record import claim
 from shared.service import Context, dead_letter, decode_batch, isolate
 from shared.settings import resolve_device
 from shared.streams import Entry, backlog, wait_for_room
+from shared.teacher_pools import open_streams
+from shared.teacher_pools import read as read_pools
 from shared.weights import latest, wait_for_new_version, weight_lag
 from shared.wire import Prompt, Trajectory, WireError, decode, encode
 
@@ -95,10 +99,12 @@ class RolloutWorker:
         entries = self.consumer.reclaim(self.s.batch_size)
         if entries:
             return entries
-        traj = self.ctx.keys.trajectories
-        room = wait_for_room(self.ctx.client, traj, self.s.max_backlog, min(self.s.batch_size, self.s.max_backlog),
+        client, keys = self.ctx.client, self.ctx.keys
+        room = wait_for_room(client, lambda: open_streams(keys, read_pools(client, keys)), self.s.max_backlog,
+                             min(self.s.batch_size, self.s.max_backlog),
                              stop=stop.is_set, on_wait=lambda: self.ctx.heartbeat.beat("backpressure"))
-        self.ctx.metrics.depth(traj, backlog(self.ctx.client, traj))
+        for stream in open_streams(keys, read_pools(client, keys)):
+            self.ctx.metrics.depth(stream, backlog(client, stream))
         if not room:
             return []
         granted, _ = self.admission.request(self.s.batch_size)
@@ -141,9 +147,11 @@ class RolloutWorker:
                            f"generation failed: {error!r}", kind="processing_failed"):
                 self.admission.release_tokens([d.messages[i].prompt_id])
         done = [(i, t) for i, t in zip(d.ids, trajectories) if t is not None]
-        with self.ctx.metrics.timed("codec"):
-            payloads = [encode(t) for _, t in done]
-        self.consumer.hand_off([i for i, _ in done], self.ctx.keys.trajectories, payloads)
+        for teacher_id in sorted({t.prompt.teacher_id for _, t in done}):  # each to its teacher's stream
+            mine = [(i, t) for i, t in done if t.prompt.teacher_id == teacher_id]
+            with self.ctx.metrics.timed("codec"):
+                payloads = [encode(t) for _, t in mine]
+            self.consumer.hand_off([i for i, _ in mine], self.ctx.keys.trajectories_for(teacher_id), payloads)
         m = self.ctx.metrics
         m.items.inc(len(done))
         m.tokens.inc(sum(t.num_tokens for _, t in done))

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from pydantic import field_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import ScoringSettings
@@ -15,6 +16,9 @@ class TeacherSettings(ScoringSettings):
 
     model: str = "builtin:teacher"
     """Teacher checkpoint: a local HF checkpoint dir, hub id, or builtin:teacher."""
+    teacher_id: str = ""
+    """Which prompts' teacher this pool is: it scores only trajectories whose prompt carries
+    this teacher_id (stream `trajectories:<teacher_id>`); empty: prompts without one."""
     backend: str = "transformers"
     """Scoring engine: transformers (embedded default, CPU or CUDA) or vllm."""
     gpu_memory_utilization: float = 0.85
@@ -31,3 +35,10 @@ class TeacherSettings(ScoringSettings):
     """Trajectories read and scored per batch (in micro-batches of max_tokens_per_microbatch)."""
     max_backlog: int = 256
     """Backpressure: wait while the scored stream holds this many unconsumed entries."""
+
+    @field_validator("teacher_id")
+    @classmethod
+    def _teacher_id(cls, value: str) -> str:
+        from shared.keys import check_teacher_id
+
+        return check_teacher_id(value)

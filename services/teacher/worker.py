@@ -1,6 +1,9 @@
 """Teacher loop: read trajectories (reclaimed first) -> score -> hand off scored trajectories.
 
-Backpressure: waits while the scored stream's backlog is at `max_backlog`. Trajectories
+A pool started with `--teacher-id T` reads only stream `trajectories:T` (the prompts whose
+teacher_id is T); without one, `trajectories`. Before the first read it waits for the
+learner's tokenizer fingerprint and refuses to start if its own tokenizer differs
+(shared/tokenizer_check.py). Backpressure: waits while the scored stream's backlog is at `max_backlog`. Trajectories
 whose token ids fall outside the teacher's vocabulary, and those whose scoring fails on
 their own, go to the dead-letter stream (releasing their admission tokens). Before each
 hand-off the teacher claims its top-k width and draws in the run's record.
@@ -32,13 +35,14 @@ class TeacherWorker:
         self.backend = make_backend(settings, resolve_device(settings.device))
         self.vocab_size = self.backend.vocab_size
         self.admission = Admission(ctx.client, ctx.keys)
-        self.consumer = ctx.consumer(ctx.keys.trajectories, "teacher",
+        self.stream = ctx.keys.trajectories_for(settings.teacher_id)
+        self.consumer = ctx.consumer(self.stream, "teacher",
                                      on_poison=release_poison(self.admission, Trajectory))
         self.record = {"top_k": min(settings.top_k, self.vocab_size), "draws": settings.draws}
         claim(ctx.client, ctx.keys, self.record)  # refuse to start against a run that disagrees
 
     def info(self) -> dict[str, Any]:
-        return {"model": self.s.model}
+        return {"model": self.s.model, "teacher_id": self.s.teacher_id}
 
     def check(self, traj: Trajectory) -> None:
         ids = [traj.prompt.prompt_ids_P, traj.completion_ids_T]
@@ -47,11 +51,22 @@ class TeacherWorker:
         if any(a.size and (a.min() < 0 or a.max() >= self.vocab_size) for a in ids):
             raise WireError(f"token ids outside the teacher vocabulary [0, {self.vocab_size})")
 
+    def check_tokenizer(self, stop: threading.Event) -> bool:
+        """Wait for the learner's tokenizer fingerprint; TokenizerMismatch if ours differs."""
+        from shared.models import load_tokenizer, resolve_model
+        from shared.tokenizer_check import wait_and_check
+
+        return wait_and_check(self.ctx.client, self.ctx.keys, load_tokenizer(resolve_model(self.s.model)),
+                              f"opd-teacher {self.s.replica} ({self.s.model})", stop=stop.is_set,
+                              on_wait=lambda: self.ctx.heartbeat.beat("waiting-for-learner"))
+
     def run(self, stop: threading.Event) -> None:
         keys, client = self.ctx.keys, self.ctx.client
+        if not self.check_tokenizer(stop):
+            stop.set()  # asked to stop while waiting for the learner
         while not stop.is_set():
             self.ctx.heartbeat.beat("waiting")
-            self.ctx.metrics.depth(keys.trajectories, backlog(client, keys.trajectories))
+            self.ctx.metrics.depth(self.stream, backlog(client, self.stream))
             self.ctx.metrics.depth(keys.scored, backlog(client, keys.scored))
             need = min(self.s.batch_size, self.s.max_backlog)
             if not wait_for_room(client, keys.scored, self.s.max_backlog, need, stop=stop.is_set,

@@ -1,0 +1,93 @@
+"""The learner's watch over the teacher pools: survey once a second, publish, export.
+
+A daemon thread (beside the prompt feeder) that runs shared/teacher_pools.py's survey
+over the run's teacher ids, publishes it (the `teachers` hash for rollouts, `parked` for
+admission control) and exports per teacher id:
+
+* `opd_teacher_replicas{teacher_id}`: live replicas of its pool;
+* `opd_teacher_queue_depth{teacher_id}`: trajectories waiting in its stream (undelivered +
+  pending): a trajectory for a teacher with no live replica stays here, never lost;
+* `opd_teacher_down{teacher_id}`: 1 while work is queued and no replica is alive;
+* `opd_prompts_skipped_total{teacher_id}`: prompt rows the feeder passed over while it was down.
+
+The default teacher (id "") is labelled `default`. A pool going down or coming back is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from shared import teacher_pools
+from shared.keys import Keys
+
+log = logging.getLogger("opd.learner")
+
+
+def label(teacher_id: str) -> str:
+    """The metric label of a teacher id ("" is the default pool)."""
+    return teacher_id or "default"
+
+
+class PoolMonitor:
+    def __init__(self, client: redis.Redis, keys: Keys, teacher_ids: list[str], registry: CollectorRegistry,
+                 lab: dict[str, str], live_after_s: float, every_s: float = 1.0) -> None:
+        self.client, self.keys, self.teacher_ids = client, keys, sorted(set(teacher_ids))
+        self.live_after_s, self.every_s = live_after_s, every_s
+        names = [*lab, "teacher_id"]
+        self.replicas = Gauge("opd_teacher_replicas", "Live replicas of each teacher pool", names, registry=registry)
+        self.queued = Gauge("opd_teacher_queue_depth", "Trajectories waiting for each teacher pool",
+                            names, registry=registry)
+        self.down_gauge = Gauge("opd_teacher_down", "1 while a teacher pool has work queued and no live replica",
+                                names, registry=registry)
+        self.skipped = Counter("opd_prompts_skipped", "Prompt rows passed over while their teacher pool was down",
+                               names, registry=registry)
+        self.lab = lab
+        self.pools: dict[str, teacher_pools.PoolStatus] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="pool-monitor", daemon=True)
+
+    def start(self) -> PoolMonitor:
+        self.poll()
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+    def down(self, teacher_id: str) -> bool:
+        """Whether the feeder should skip this teacher's prompts for now."""
+        pool = self.pools.get(teacher_id)
+        return pool is not None and pool.down
+
+    def count_skipped(self, teacher_id: str) -> None:
+        self.skipped.labels(**self.lab, teacher_id=label(teacher_id)).inc()
+
+    def poll(self) -> None:
+        pools = teacher_pools.survey(self.client, self.keys, self.teacher_ids, self.live_after_s)
+        teacher_pools.publish(self.client, self.keys, pools)
+        for tid, pool in pools.items():
+            was = self.pools.get(tid)
+            if pool.down and not (was and was.down):
+                log.warning("teacher pool %r is down: %d trajectories queued, no live replica "
+                            "(its prompts are skipped until a replica with --teacher-id %s is up)",
+                            label(tid), pool.queued, tid or '""')
+            elif was and was.down and not pool.down:
+                log.info("teacher pool %r is back: %d replicas", label(tid), pool.replicas)
+            lab = {**self.lab, "teacher_id": label(tid)}
+            self.replicas.labels(**lab).set(pool.replicas)
+            self.queued.labels(**lab).set(pool.queued)
+            self.down_gauge.labels(**lab).set(int(pool.down))
+            self.skipped.labels(**lab)  # exported as 0 from the start
+        self.pools = pools
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every_s):
+            try:
+                self.poll()
+            except redis.RedisError as e:  # the learner's own loop surfaces Redis trouble
+                log.warning("teacher pool survey failed: %s", e)

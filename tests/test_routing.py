@@ -1,0 +1,189 @@
+"""Multi-teacher routing on a real Redis: pools, parked slots, tokenizer refusal, two live pools.
+
+Unit level (real Redis, no models): the pool survey (live replicas from status reports,
+queued entries, down), what it publishes, and admission control not counting parked
+trajectories. Process level (real learner, teacher and rollout processes, tiny built-in
+models): a teacher with another tokenizer refuses to start; with two teacher pools each
+trajectory goes to its own pool's stream and is scored by it, and killing one pool stalls
+only its share: the learner keeps training the other's, the dead pool's work stays queued
+and visible, and every trajectory is still accounted for once.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from services.audit import accounting, balanced
+from services.launcher import Launcher
+from shared import teacher_pools
+from shared.admission import Admission, set_limits
+from shared.keys import Keys, check_teacher_id
+from shared.models import builtin_path
+from shared.redis_server import free_port
+from shared.streams import produce
+from shared.tokenizer_check import TokenizerMismatch, fingerprint, mismatch, publish, wait_and_check
+from tests.test_faults import kill, until
+
+pytestmark = [pytest.mark.redis]
+
+
+def report(client, keys: Keys, replica: str, teacher_id: str, at: float, service: str = "teacher") -> None:
+    client.hset(keys.replicas, replica, json.dumps({"service": service, "teacher_id": teacher_id, "at": at,
+                                                    "state": "waiting"}))
+
+
+def test_teacher_ids_become_stream_names_or_are_refused():
+    keys = Keys("r")
+    assert keys.trajectories_for("") == "opd:r:trajectories"
+    assert keys.trajectories_for("math-v2.1") == "opd:r:trajectories:math-v2.1"
+    for bad in ("a b", "x:y", "é", "a" * 65):
+        with pytest.raises(ValueError, match="teacher id"):
+            check_teacher_id(bad)
+
+
+def test_survey_counts_live_replicas_and_finds_down_pools(client, keys):
+    now = time.time()
+    report(client, keys, "t-a-0", "a", now - 1)
+    report(client, keys, "t-a-1", "a", now - 60)  # silent for a minute: not live
+    report(client, keys, "t-b-0", "b", now - 60)
+    report(client, keys, "rollout-0", "", now, service="rollout")
+    produce(client, keys.trajectories_for("a"), [b"1", b"2"])
+    produce(client, keys.trajectories_for("b"), [b"1", b"2", b"3"])
+    pools = teacher_pools.survey(client, keys, ["a", "b", "c"], live_after_s=15, now=now)
+    assert pools == {"a": teacher_pools.PoolStatus(1, 2, False), "b": teacher_pools.PoolStatus(0, 3, True),
+                     "c": teacher_pools.PoolStatus(0, 0, False)}  # nothing queued for c: not down
+    teacher_pools.publish(client, keys, pools)
+    assert teacher_pools.read(client, keys) == pools
+    assert int(client.hget(keys.limits, "parked")) == 3
+    assert teacher_pools.open_streams(keys, pools) == [keys.trajectories_for("a"), keys.trajectories_for("c")]
+    assert teacher_pools.open_streams(keys, {}) == [keys.trajectories]
+
+
+def test_admission_does_not_count_trajectories_parked_at_a_down_pool(client, keys):
+    set_limits(client, keys, batch_size=4, max_staleness=1)
+    client.set(keys.version, 0)
+    admission = Admission(client, keys)
+    assert admission.request(100) == (8, 0)  # (v + s + 1) * B
+    assert admission.request(1) == (0, 0)  # at the bound
+    client.hset(keys.limits, "parked", 3)  # three of those wait at a pool that is down
+    assert admission.request(100) == (3, 0)
+    client.hset(keys.limits, "parked", 0)  # the pool is back: no new grants until the learner catches up
+    assert admission.request(100) == (0, 0)
+
+
+def test_fingerprints_differ_by_size_or_by_ids():
+    from shared.models import load_tokenizer
+
+    tok = load_tokenizer(builtin_path("student"))
+    same = fingerprint(tok)
+    assert same == fingerprint(load_tokenizer(builtin_path("teacher"))) and same["vocab_size"] == 15
+    assert mismatch(same, same) is None
+    assert "vocabulary size 16 != the student's 15" in mismatch({**same, "vocab_size": 16}, same)
+    assert "different tokens or ids" in mismatch({**same, "sha256": "0" * 64}, same)
+
+
+def test_wait_and_check_refuses_another_tokenizer(client, keys):
+    from shared.models import load_tokenizer
+
+    tok = load_tokenizer(builtin_path("student"))
+    assert wait_and_check(client, keys, tok, "t", stop=lambda: True) is False  # no learner yet: waits
+    client.set(keys.tokenizer, json.dumps({"vocab_size": 15, "sha256": "0" * 64, "model": "other"}))
+    with pytest.raises(TokenizerMismatch, match="its tokenizer is not the student's"):
+        wait_and_check(client, keys, tok, "t")
+    publish(client, keys, tok, "builtin:student")
+    assert wait_and_check(client, keys, tok, "t") is True
+
+
+def swapped_tokenizer_teacher(out: Path) -> Path:
+    """The built-in teacher with the ids of two digits swapped in its tokenizer (same size)."""
+    shutil.copytree(builtin_path("teacher"), out)
+    spec = json.loads((out / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["1"], vocab["2"] = vocab["2"], vocab["1"]
+    (out / "tokenizer.json").write_text(json.dumps(spec))
+    return out
+
+
+@pytest.mark.smoke
+def test_a_teacher_with_another_tokenizer_refuses_to_start(tmp_path: Path, redis_server, client, keys):
+    from shared.models import load_tokenizer
+
+    publish(client, keys, load_tokenizer(builtin_path("student")), "builtin:student")
+    launcher = Launcher(env={"REDIS_URL": redis_server.url, "OPD_RUN": keys.run}, log_dir=tmp_path / "logs")
+    child = launcher.start("teacher", "teacher", {"model": swapped_tokenizer_teacher(tmp_path / "other"),
+                                                  "device": "cpu", "http_port": free_port(), "torch_threads": 1})
+    try:
+        assert child.proc.wait(timeout=120) == 1
+    finally:
+        launcher.stop(grace_s=5)
+    assert "its tokenizer is not the student's (builtin:student): same size (15) but different tokens or ids" \
+        in launcher.tail(child)
+
+
+def routed_rows(n: int) -> str:
+    """Addition prompts as text rows, alternately for teacher pools a and b."""
+    rows = [{"prompt": f"{i * 7 % 1000:03d}+{i * 13 % 1000:03d}=", "answer": str(i * 7 % 1000 + i * 13 % 1000),
+             "teacher_id": "ab"[i % 2]} for i in range(n)]
+    return "\n".join(map(json.dumps, rows)) + "\n"
+
+
+def per_teacher(client, keys: Keys) -> dict[str, int]:
+    return {t: row["trajectories"] for t, row in json.loads(client.hget(keys.stats, "teachers") or b"{}").items()}
+
+
+def items_of(client, keys: Keys, replica: str) -> int:
+    return int(json.loads(client.hget(keys.replicas, replica))["items"])
+
+
+@pytest.mark.smoke
+def test_two_teacher_pools_each_score_their_own_and_a_dead_pool_stalls_only_its_share(
+        tmp_path: Path, redis_server, client):
+    keys, batch, steps = Keys("two-pools"), 8, 16
+    (tmp_path / "train.jsonl").write_text(routed_rows(64))
+    common = {"weights_dir": tmp_path / "weights", "torch_threads": 1, "device": "cpu"}
+    launcher = Launcher(env={"REDIS_URL": redis_server.url, "OPD_RUN": keys.run}, log_dir=tmp_path / "logs")
+    try:
+        launcher.start("learner", "learner", {
+            **common, "batch_size": batch, "max_steps": steps, "max_staleness": 2, "prompt_backlog": 32,
+            "output_dir": tmp_path / "student", "checkpoint_dir": tmp_path / "ckpt", "checkpoint_every": 2,
+            "http_port": free_port(), "prompts_file": tmp_path / "train.jsonl", "teacher_live_s": 3,
+            "reset": True, "samples_every": 0})
+        for pool in "ab":
+            launcher.start("teacher", f"teacher-{pool}", {**common, "teacher_id": pool, "batch_size": batch,
+                                                          "replica": f"teacher-{pool}", "http_port": free_port()})
+        launcher.start("rollout", "rollout", {**common, "batch_size": batch, "max_backlog": 16,
+                                              "http_port": free_port()})
+        until(lambda: min(per_teacher(client, keys).get(t, 0) for t in "ab") >= batch, 180,
+              "both pools' trajectories to be trained", launcher)
+        kill(launcher, "teacher-b")
+        b_at_kill = per_teacher(client, keys)["b"]
+        until(lambda: client.hget(keys.stats, "status") == b"finished", 240,
+              "the learner to finish with pool b dead", launcher)
+        pools = teacher_pools.read(client, keys)
+        launcher.stop()
+    finally:
+        launcher.stop(grace_s=5)
+
+    trained = per_teacher(client, keys)
+    assert sum(trained.values()) == steps * batch
+    assert trained["b"] - b_at_kill <= 3 * batch  # only what b had scored before it died (+ in flight)
+    assert pools["b"].down and pools["b"].replicas == 0 and pools["b"].queued > 0  # its work waits, visible
+    assert not pools["a"].down and pools["a"].replicas == 1
+    streams = {t: keys.trajectories_for(t) for t in "ab"}
+    produced = {t: int(client.hget(keys.produced, s)) for t, s in streams.items()}
+    # routing: pool a scored exactly what was routed to it and is no longer queued
+    assert items_of(client, keys, "teacher-a") == produced["a"] - client.xlen(streams["a"])
+    assert client.xlen(keys.trajectories) == 0 and client.hget(keys.produced, keys.trajectories) is None
+    import services.learner.checkpoint as checkpoint
+
+    state = json.loads((checkpoint.latest(tmp_path / "ckpt") / "state.json").read_text())
+    outcome = accounting(client, keys, sum(state["tracker"]["trained"].values()))
+    assert balanced(outcome) and outcome["invalid_dead_letters"] == 0, outcome
+    assert outcome["still_queued"] >= pools["b"].queued
+    log = (tmp_path / "logs" / "learner.log").read_text()
+    assert "teacher pool 'b' is down" in log
