@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="the learner's batch size (extra check)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
-    from shared.streams import connect
+    from shared.redis_client import connect
 
     client = connect(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     report, problems = audit(client, Keys(os.environ.get("OPD_RUN", "default")), args.checkpoint_dir,

@@ -7,6 +7,7 @@ after, teacher accuracy, trajectories/s, tokens/s and the staleness distribution
 
     opd demo                 # async, max_staleness 4, 2 rollouts, ~3-5 min on 2 CPU cores
     opd demo --sync          # strictly synchronous baseline (staleness 0)
+    opd demo --multi-teacher # two teachers (addition, list) into one student: services/demo_multi.py
     opd demo --help
 """
 
@@ -17,6 +18,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import Field, model_validator
@@ -64,7 +66,12 @@ class DemoSettings(BaseSettings):
     student: str = "builtin:student"
     """Student checkpoint (path, hub id or builtin:student)."""
     teacher: str = "builtin:teacher"
-    """Teacher checkpoint (path, hub id or builtin:teacher)."""
+    """Teacher checkpoint (path, hub id or builtin:teacher); --multi-teacher: the addition task's."""
+    multi_teacher: bool = False
+    """Distil two teachers into one student at once: the addition teacher and the list teacher,
+    each its own teacher pool, prompts of both built-in tasks (services/demo_multi.py)."""
+    list_teacher: str = "builtin:list-teacher"
+    """--multi-teacher: the list task's teacher checkpoint."""
     eval_n: int = 500
     """Held-out problems for the accuracy evaluation before and after training."""
     eval_every: int = 100
@@ -96,7 +103,7 @@ def evaluate(model_path: str, n: int) -> float:
     return accuracy(load_model(path), load_tokenizer(path), make_problems(n, seed=EVAL_SEED, split="eval"))
 
 
-def _flags(s: DemoSettings, run_dir: Path) -> dict[str, dict[str, object]]:
+def service_flags(s: DemoSettings, run_dir: Path) -> dict[str, dict[str, object]]:
     common = {"weights_dir": run_dir / "weights", "torch_threads": 1, "device": "cpu"}
     engine = {"backend": s.backend, **({"gpu_memory_utilization": s.gpu_memory_utilization}
                                        if s.backend == "vllm" else {})}
@@ -114,7 +121,7 @@ def _flags(s: DemoSettings, run_dir: Path) -> dict[str, dict[str, object]]:
 
 
 def _start_all(launcher: Launcher, s: DemoSettings, run_dir: Path) -> None:
-    flags, port = _flags(s, run_dir), s.http_base_port
+    flags, port = service_flags(s, run_dir), s.http_base_port
     plan = [("learner", "learner")] + [("teacher", f"teacher-{i}") for i in range(s.teachers)]
     plan += [("rollout", f"rollout-{i}") for i in range(s.rollouts)]
     for service, name in plan:
@@ -134,7 +141,8 @@ def _progress(stats: dict[str, str], s: DemoSettings) -> str:
             f"staleness mean {st.get('mean', 0)} max {st.get('max', 0)}")
 
 
-def _watch(launcher: Launcher, client, keys, s: DemoSettings) -> dict[str, str]:
+def watch(launcher: Launcher, client, keys, s: DemoSettings,
+          progress: Callable[[dict[str, str]], str] | None = None) -> dict[str, str]:
     """Print progress until the learner exits or time runs out; returns the final stats."""
     deadline = time.monotonic() + s.minutes * 60
     learner = launcher.children[0]
@@ -146,7 +154,8 @@ def _watch(launcher: Launcher, client, keys, s: DemoSettings) -> dict[str, str]:
             launcher.stop(["learner"])
             break
         stats = read_stats(client, keys)
-        line = _progress(stats, s) if stats.get("step") else "waiting for the first step..."
+        line = (progress or (lambda st: _progress(st, s)))(stats) if stats.get("step") else \
+            "waiting for the first step..."
         if line != last:
             print(line, flush=True)
             last = line
@@ -221,7 +230,7 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
 
     from shared.redis_server import EmbeddedRedis
     from shared.keys import Keys
-    from shared.streams import connect
+    from shared.redis_client import connect
 
     hf_logging.disable_progress_bar()  # the evaluations load models: no progress bars in the summary
 
@@ -235,12 +244,16 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     launcher = Launcher(env={"REDIS_URL": url, "OPD_RUN": run, "PYTHONUNBUFFERED": "1"},
                         log_dir=run_dir / "logs")
     try:
+        if s.multi_teacher:
+            from services.demo_multi import run as run_multi
+
+            return run_multi(s, launcher, connect(url), Keys(run), run_dir)
         print("evaluating the initial student and the teacher...", flush=True)
         acc = {"before": evaluate(s.student, s.eval_n), "teacher": evaluate(s.teacher, s.eval_n)}
         print(f"student {acc['before']:.3f}, teacher {acc['teacher']:.3f}; starting "
               f"{s.rollouts} rollout(s), {s.teachers} teacher(s), 1 learner", flush=True)
         _start_all(launcher, s, run_dir)
-        stats = _watch(launcher, connect(url), Keys(run), s)
+        stats = watch(launcher, connect(url), Keys(run), s)
         launcher.stop()
         acc["after"] = evaluate(str(run_dir / "student"), s.eval_n)
         summary = summarize(stats, acc, s)

@@ -23,8 +23,8 @@ from shared.monitoring import Heartbeat, ServiceMetrics, serve
 from shared.settings import ServiceSettings, resolve_device
 from shared.keys import Keys
 from shared.redis_stats import read_redis_stats
-from shared.streams import (DeadLetters, Entry, RedisFatal, StreamConsumer, connect, ping, probe_client,
-                            wait_for_redis)
+from shared.streams import DeadLetters, Entry, StreamConsumer
+from shared.redis_client import RedisFatal, connect, ping, probe_client, wait_for_redis
 from shared.wire import Message, WireError, decode
 
 log = logging.getLogger("opd")

@@ -10,7 +10,7 @@ import redis
 
 from shared.redis_server import EmbeddedRedis
 from shared.keys import Keys
-from shared.streams import connect
+from shared.redis_client import connect
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from services.bench.learner import feed, synthetic_batches
 from services.launcher import Child, Launcher
 from shared.keys import Keys
-from shared.streams import connect
+from shared.redis_client import connect
 from test_faults import accounting
 
 pytestmark = [pytest.mark.smoke, pytest.mark.redis]

@@ -21,7 +21,8 @@ import pytest
 from services.launcher import Launcher
 from shared.redis_server import EmbeddedRedis
 from shared.keys import Keys
-from shared.streams import connect, produce
+from shared.streams import produce
+from shared.redis_client import connect
 from shared.wire import SCHEMA_VERSION
 
 pytestmark = [pytest.mark.smoke, pytest.mark.redis]

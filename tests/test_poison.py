@@ -24,7 +24,8 @@ import pytest
 from services.launcher import Launcher, service_command
 from shared.redis_server import EmbeddedRedis, free_port
 from shared.keys import Keys
-from shared.streams import connect, produce
+from shared.streams import produce
+from shared.redis_client import connect
 from shared.wire import Prompt, ScoredTrajectory, TeacherScores, Trajectory, encode
 from test_faults import accounting, kill, until
 

@@ -42,7 +42,8 @@ def test_failed_hand_off_leaves_input_pending(client, keys):
 
 CHILD = """
 import os, sys
-from shared.streams import StreamConsumer, connect
+from shared.streams import StreamConsumer
+from shared.redis_client import connect
 c = StreamConsumer(connect(sys.argv[1]), sys.argv[2], "teacher", "doomed")
 got = c.read(2, block_ms=2000)
 print(len(got), flush=True)
@@ -253,7 +254,7 @@ def test_a_blocking_read_survives_the_stream_being_deleted(client, keys):
 
 def test_admission_and_produce_are_idempotent_under_lost_replies(client, keys, lossy):
     """The server runs each command, the reply is lost, the client retries: nothing twice."""
-    from shared.streams import connect
+    from shared.redis_client import connect
 
     via = connect(lossy.url())
     adm = Admission(via, keys)
@@ -361,7 +362,8 @@ def test_a_restarted_learner_taking_over_does_not_count_deliveries(client, keys)
 
 def test_a_lost_hand_off_reply_still_reports_the_entries_handed_off(client, keys, lossy):
     """The script ran, its reply was lost, the retry must not answer "0 owned": callers act on it."""
-    from shared.streams import Entry, connect
+    from shared.streams import Entry
+    from shared.redis_client import connect
 
     via = connect(lossy.url())
     produce(client, keys.trajectories, [b"bad"])

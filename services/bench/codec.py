@@ -53,7 +53,8 @@ def bench_codec(msgs: list[ScoredTrajectory], repeats: int = 20) -> dict[str, An
 
 def bench_redis(url: str, payloads: list[bytes], rounds: int = 3) -> dict[str, Any]:
     """Produce the payloads in one pipeline, consume them through a group, ack+delete."""
-    from shared.streams import StreamConsumer, connect, produce
+    from shared.streams import StreamConsumer, produce
+    from shared.redis_client import connect
 
     client = connect(url)
     stream = "opd:bench:codec"

@@ -64,7 +64,8 @@ def feed(client, keys: Keys, batches: list[list[ScoredTrajectory]], top_k: int) 
 def run_learner(url: str, procs: int, s: Any, run_dir: Path, batches: list[list[ScoredTrajectory]],
                 top_k: int) -> dict[str, Any]:
     """One learner run on `procs` ranks over `batches`; its step times (steps 2..N)."""
-    from shared.streams import connect, read_stats
+    from shared.streams import read_stats
+    from shared.redis_client import connect
 
     run = f"bench-learner-{procs}-{int(time.time())}"
     keys = Keys(run)

@@ -36,7 +36,8 @@ def _wait(launcher: Launcher, timeout_s: float) -> None:
 def run_mode(url: str, max_staleness: int, s: Any, run_dir: Path) -> dict[str, Any]:
     """One pipeline run; returns throughput, per-stage busy time per step and weight lag."""
     from shared.keys import Keys
-    from shared.streams import connect, read_stats
+    from shared.streams import read_stats
+    from shared.redis_client import connect
 
     run = f"bench-s{max_staleness}-{int(time.time())}"
     launcher = Launcher(env={"REDIS_URL": url, "OPD_RUN": run}, log_dir=run_dir / run / "logs")
