@@ -5,16 +5,19 @@ default teacher, id "", reads `trajectories`), which only that teacher's pool co
 (`opd-teacher --teacher-id ID`). The learner surveys the pools about once a second
 (`survey`): live replicas per id (a teacher replica whose status report in the run's
 `replicas` hash is younger than `live_after_s`) and entries queued in its stream
-(undelivered + pending). A pool is **down** when it has work queued and no live replica.
-`publish` writes the survey to the run's `teachers` hash and the number of trajectories
-parked at down pools to the `limits` hash:
+(undelivered + pending). A pool is **down** when it has work queued and no live replica,
+and **set aside** when it is down while another pool is not (when every pool is down
+nothing can progress, and the usual backpressure holds everything). `publish` writes the
+survey to the run's `teachers` hash and the number of trajectories parked at set-aside
+pools to the `limits` hash:
 
 * admission control (shared/admission.py) does not count parked trajectories against the
   staleness budget, so the other pools' work keeps flowing (a dead pool stalls only its
   share); they are still queued, visible in opd_teacher_queue_depth, and scored when the
   pool is back (the learner then drops what is too stale, with the reason);
-* the prompt feeder skips rows of a down pool (counted), and rollouts apply backpressure
-  only to the streams of pools that are not down.
+* the prompt feeder skips rows of a set-aside pool (counted), and rollouts apply
+  backpressure only to the streams of pools that are not set aside; so a dead pool's
+  stream grows at most by its prompts already queued.
 
     from shared.teacher_pools import read
     read(client, keys)  # {'addition': PoolStatus(replicas=2, queued=17, down=False), ...}
@@ -64,9 +67,16 @@ def survey(client: redis.Redis, keys: Keys, teacher_ids: list[str], live_after_s
             for tid, q in zip(teacher_ids, queued)}
 
 
+def set_aside(pools: dict[str, PoolStatus]) -> set[str]:
+    """Down pools while at least one pool is not down (all down: none, so all wait)."""
+    down = {tid for tid, p in pools.items() if p.down}
+    return down if len(down) < len(pools) else set()
+
+
 def parked(pools: dict[str, PoolStatus]) -> int:
-    """Trajectories waiting at pools that are down."""
-    return sum(p.queued for p in pools.values() if p.down)
+    """Trajectories waiting at set-aside pools."""
+    aside = set_aside(pools)
+    return sum(p.queued for tid, p in pools.items() if tid in aside)
 
 
 def publish(client: redis.Redis, keys: Keys, pools: dict[str, PoolStatus]) -> None:
@@ -85,8 +95,9 @@ def read(client: redis.Redis, keys: Keys) -> dict[str, PoolStatus]:
 
 
 def open_streams(keys: Keys, pools: dict[str, PoolStatus]) -> list[str]:
-    """The trajectories streams backpressure applies to: every pool's that is not down (the
-    default stream when the learner has not surveyed yet)."""
+    """The trajectories streams backpressure applies to: every pool's that is not set aside
+    (the default stream when the learner has not surveyed yet)."""
     if not pools:
         return [keys.trajectories]
-    return [keys.trajectories_for(tid) for tid, p in sorted(pools.items()) if not p.down]
+    aside = set_aside(pools)
+    return [keys.trajectories_for(tid) for tid in sorted(pools) if tid not in aside]

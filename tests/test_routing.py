@@ -62,6 +62,10 @@ def test_survey_counts_live_replicas_and_finds_down_pools(client, keys):
     assert int(client.hget(keys.limits, "parked")) == 3
     assert teacher_pools.open_streams(keys, pools) == [keys.trajectories_for("a"), keys.trajectories_for("c")]
     assert teacher_pools.open_streams(keys, {}) == [keys.trajectories]
+    # every pool down: none is set aside, nothing parked, backpressure on all (nothing can progress)
+    dead = {"a": teacher_pools.PoolStatus(0, 2, True), "b": teacher_pools.PoolStatus(0, 3, True)}
+    assert teacher_pools.set_aside(dead) == set() and teacher_pools.parked(dead) == 0
+    assert teacher_pools.open_streams(keys, dead) == [keys.trajectories_for("a"), keys.trajectories_for("b")]
 
 
 def test_admission_does_not_count_trajectories_parked_at_a_down_pool(client, keys):

@@ -114,6 +114,8 @@ class PromptFeeder:
             if len(keep) < len(batch):  # the position counts rows passed over too
                 self.client.hincrby(produced_key(self.stream), FED_FIELD, len(batch) - len(keep))
             self.fed += len(batch)
+            if not keep:  # a stretch of rows for a pool that is down: do not spin through the data
+                self.stop.wait(0.2)
 
     def _prompt(self, problem: Problem | Example) -> Prompt:
         ids = prompt_ids(self.tokenizer, problem, self.template_kwargs)

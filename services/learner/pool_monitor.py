@@ -47,6 +47,7 @@ class PoolMonitor:
                                names, registry=registry)
         self.lab = lab
         self.pools: dict[str, teacher_pools.PoolStatus] = {}
+        self.aside: set[str] = set()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="pool-monitor", daemon=True)
 
@@ -60,9 +61,9 @@ class PoolMonitor:
         self.thread.join(timeout=5)
 
     def down(self, teacher_id: str) -> bool:
-        """Whether the feeder should skip this teacher's prompts for now."""
-        pool = self.pools.get(teacher_id)
-        return pool is not None and pool.down
+        """Whether the feeder should skip this teacher's prompts for now (set aside: down
+        while another pool is not)."""
+        return teacher_id in self.aside
 
     def count_skipped(self, teacher_id: str) -> None:
         self.skipped.labels(**self.lab, teacher_id=label(teacher_id)).inc()
@@ -73,9 +74,9 @@ class PoolMonitor:
         for tid, pool in pools.items():
             was = self.pools.get(tid)
             if pool.down and not (was and was.down):
-                log.warning("teacher pool %r is down: %d trajectories queued, no live replica "
-                            "(its prompts are skipped until a replica with --teacher-id %s is up)",
-                            label(tid), pool.queued, tid or '""')
+                log.warning("teacher pool %r is down: %d trajectories queued, no live replica; while "
+                            "another pool is up its prompts are skipped, until a replica with "
+                            "--teacher-id %s is up", label(tid), pool.queued, tid or '""')
             elif was and was.down and not pool.down:
                 log.info("teacher pool %r is back: %d replicas", label(tid), pool.replicas)
             lab = {**self.lab, "teacher_id": label(tid)}
@@ -83,7 +84,7 @@ class PoolMonitor:
             self.queued.labels(**lab).set(pool.queued)
             self.down_gauge.labels(**lab).set(int(pool.down))
             self.skipped.labels(**lab)  # exported as 0 from the start
-        self.pools = pools
+        self.pools, self.aside = pools, teacher_pools.set_aside(pools)
 
     def _run(self) -> None:
         while not self.stop.wait(self.every_s):

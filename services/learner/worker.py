@@ -142,7 +142,8 @@ class LearnerWorker:
         if self.s.reset:  # explicit: the run's streams, counts and checkpoints go
             import shutil
 
-            ctx.client.delete(*keys.trajectory_streams(ctx.client), *keys.all())
+            pools = [keys.trajectories_for(t) for t in self.data.teacher_ids(self.s)]
+            ctx.client.delete(*keys.trajectory_streams(ctx.client), *pools, *keys.all())
             shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
             log.warning("--reset: deleted run %r's keys and checkpoints in %s", self.s.run, self.checkpoint_dir)
         ckpt = checkpoint.latest(self.checkpoint_dir) if self.s.resume else None
