@@ -55,17 +55,23 @@ def make_problem(a: int, b: int, digits: int = 3) -> Problem:
     return Problem(prompt=format_prompt(a, b, digits), answer=str(a + b))
 
 
-def split_of(a: int, b: int) -> Split:
-    """Which split the pair ``(a, b)`` belongs to.
+def split_of_key(key: int) -> Split:
+    """Which split the problem with integer ``key`` belongs to.
 
     A fixed 64-bit multiplicative mix (not Python's ``hash``) so the partition is
-    identical across processes, machines and Python versions.
+    identical across processes, machines and Python versions. Other built-in tasks
+    (``shared.list_task``) encode their problems as a key and split them the same way.
     """
-    h = ((a * 1_000_003 + b + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    h = (key * 0x9E3779B97F4A7C15) & _MASK64
     h ^= h >> 29
     h = (h * 0xBF58476D1CE4E5B9) & _MASK64
     h ^= h >> 32
     return "eval" if h % HASH_BUCKETS < EVAL_BUCKETS else "train"
+
+
+def split_of(a: int, b: int) -> Split:
+    """Which split the pair ``(a, b)`` belongs to (see ``split_of_key``)."""
+    return split_of_key(a * 1_000_003 + b + 1)
 
 
 def _split_pairs(split: Split, digits: int) -> list[tuple[int, int]]:
