@@ -1,10 +1,13 @@
-"""Train the built-in tokenizer, teacher and (weak) student init from scratch on task data.
+"""Train the built-in tokenizer, teachers and (weak) student init from scratch on task data.
 
 Supervised next-token training (AdamW, loss on completion tokens only, right-padded
-batches) of two tiny Llamas from ``shared.models.tiny_config``, saved as normal HF dirs
-``<out>/teacher`` and ``<out>/student`` that share one tokenizer.
+batches) of tiny Llamas from ``shared.models.tiny_config``, saved as normal HF dirs
+``<out>/<role>`` that share one tokenizer. Roles and the built-in task each learns
+(``shared.builtin_tasks``):
 
-* teacher: the larger model, trained for a fixed number of steps until clearly good.
+* teacher (addition): the larger model, trained for a fixed number of steps until clearly good.
+* list-teacher (list): the same architecture on the list task (``shared.list_task``),
+  for multi-teacher runs; the student init has never seen that task.
 * student init: the smaller model, trained only until its accuracy on a held-out
   train-split sample first reaches ``--student-stop-acc`` (default 0.2). Learning curves
   here are sharp (a long plateau, then a jump to >0.9 within a few hundred steps), so a
@@ -12,9 +15,16 @@ batches) of two tiny Llamas from ``shared.models.tiny_config``, saved as normal 
   stopping on accuracy gives a student that reliably knows the format (digits then
   ``<eos>``) but is often wrong, leaving room for on-policy distillation.
 
+``--tokenizer DIR`` (or ``builtin:<role>``) reuses a saved tokenizer instead of training
+one, and copies its files into every output dir verbatim, so a model added later shares
+the shipped tokenizer byte for byte.
+
 Run (defaults reproduce the shipped checkpoints; ~6 minutes on one CPU thread)::
 
     python -m shared.pretrain --out shared/assets
+    # the shipped list teacher (1200 steps, 1.000 on 500 held-out list problems, ~5
+    # minutes on one CPU thread), with the shipped tokenizer; writes only <out>/list-teacher
+    python -m shared.pretrain --out shared/assets --roles list-teacher --tokenizer builtin:teacher
     # capacity check: the student architecture trained to convergence (not shipped)
     python -m shared.pretrain --out /tmp/cap --roles student --student-steps 3000 \
         --student-stop-acc 0
@@ -24,20 +34,26 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from shared.builtin_tasks import problems as task_problems
 from shared.task import Problem, make_problems
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+# The shipped list teacher's schedule (see the module doc for the command).
+LIST_TEACHER_STEPS = 1200
+LIST_TEACHER_LR = 3e-3
 IGNORE_INDEX = -100  # labels with this value do not contribute to the loss
-ROLE_SEED_OFFSET = {"teacher": 0, "student": 1}  # same student whichever roles are run
+ROLE_SEED_OFFSET = {"teacher": 0, "student": 1, "list-teacher": 2}  # same model whichever roles run
+ROLE_TASK = {"teacher": "addition", "student": "addition", "list-teacher": "list"}
 
 
 @dataclass(frozen=True)
@@ -138,14 +154,25 @@ def train(model: "PreTrainedModel", input_ids: "torch.Tensor", labels: "torch.Te
     return step
 
 
-def save(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerFast", out_dir: Path) -> None:
-    """Save model + tokenizer as one ordinary HF checkpoint dir."""
+def save(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerFast", out_dir: Path,
+         tokenizer_dir: str = "") -> None:
+    """Save model + tokenizer as one ordinary HF checkpoint dir.
+
+    With ``tokenizer_dir`` (where ``tokenizer`` was loaded from) each tokenizer file is
+    then replaced by that dir's copy: loading adds per-load keys to the config that a
+    fresh save would write, and the shipped tokenizer must stay byte-identical.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     # The fast backend keeps the padding of its last batched call (e.g. evaluation's
     # left padding) and would write it into tokenizer.json; it is per-call state.
     tokenizer.backend_tokenizer.no_padding()
-    tokenizer.save_pretrained(out_dir)
+    written = tokenizer.save_pretrained(out_dir)
+    if tokenizer_dir:
+        for name in (Path(f).name for f in written):
+            source = Path(tokenizer_dir) / name
+            if source.is_file():
+                shutil.copyfile(source, out_dir / name)
 
 
 def _accuracy_reached(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerFast",
@@ -159,45 +186,67 @@ def _accuracy_reached(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerF
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True,
-                        help="writes <out>/teacher and <out>/student")
+                        help="writes <out>/<role> for each of --roles")
     parser.add_argument("--teacher-steps", type=int, default=1200)
     parser.add_argument("--student-steps", type=int, default=2000,
                         help="max student steps (it usually stops early, see --student-stop-acc)")
     parser.add_argument("--student-stop-acc", type=float, default=0.2,
                         help="stop the student once held-out accuracy reaches this; 0 = never")
+    parser.add_argument("--list-teacher-steps", type=int, default=LIST_TEACHER_STEPS)
     parser.add_argument("--teacher-lr", type=float, default=3e-3)
     parser.add_argument("--student-lr", type=float, default=3e-3)
+    parser.add_argument("--list-teacher-lr", type=float, default=LIST_TEACHER_LR)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--digits", type=int, default=3)
-    parser.add_argument("--roles", nargs="+", choices=["teacher", "student"],
+    parser.add_argument("--digits", type=int, default=3, help="addition operand digits")
+    parser.add_argument("--list-length", type=int, default=5, help="list task: digits per list")
+    parser.add_argument("--roles", nargs="+", choices=list(ROLE_TASK),
                         default=["teacher", "student"])
+    parser.add_argument("--tokenizer", default="",
+                        help="reuse this saved tokenizer (dir or builtin:<role>); default: train one")
     parser.add_argument("--eval-n", type=int, default=500, help="eval problems for the report")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     return parser.parse_args(argv)
 
 
+def task_options(task: str, args: argparse.Namespace) -> dict[str, int]:
+    """The size option of a built-in task's ``make_problems``, from the CLI flags."""
+    return {"digits": args.digits} if task == "addition" else {"length": args.list_length}
+
+
+def _spec(role: str, args: argparse.Namespace) -> TrainSpec:
+    steps, lr = {"teacher": (args.teacher_steps, args.teacher_lr),
+                 "student": (args.student_steps, args.student_lr),
+                 "list-teacher": (args.list_teacher_steps, args.list_teacher_lr)}[role]
+    return TrainSpec(steps, lr, args.batch_size)
+
+
 def _train_role(
     role: str, args: argparse.Namespace, tokenizer: "PreTrainedTokenizerFast",
-    data: tuple["torch.Tensor", "torch.Tensor"],
+    data: tuple["torch.Tensor", "torch.Tensor"], tokenizer_dir: str,
 ) -> tuple["PreTrainedModel", int, float]:
     """Build, train and save one role; returns (model, steps taken, wall seconds)."""
     seed = args.seed + ROLE_SEED_OFFSET[role]
     model = make_model(role, tokenizer, seed)
     should_stop = None
-    if role == "student":
-        spec = TrainSpec(args.student_steps, args.student_lr, args.batch_size)
-        if args.student_stop_acc > 0:
-            # Train-split problems (never the eval split) so eval numbers stay clean.
-            held_out = make_problems(200, seed=seed + 1000, split="train", digits=args.digits)
-            should_stop = _accuracy_reached(model, tokenizer, held_out, args.student_stop_acc)
-    else:
-        spec = TrainSpec(args.teacher_steps, args.teacher_lr, args.batch_size)
+    if role == "student" and args.student_stop_acc > 0:
+        # Train-split problems (never the eval split) so eval numbers stay clean.
+        held_out = make_problems(200, seed=seed + 1000, split="train", digits=args.digits)
+        should_stop = _accuracy_reached(model, tokenizer, held_out, args.student_stop_acc)
     start = time.perf_counter()
-    steps = train(model, *data, spec, seed=seed, name=role, should_stop=should_stop)
+    steps = train(model, *data, _spec(role, args), seed=seed, name=role, should_stop=should_stop)
     seconds = time.perf_counter() - start
-    save(model, tokenizer, args.out / role)
+    save(model, tokenizer, args.out / role, tokenizer_dir)
     return model, steps, seconds
+
+
+def _tokenizer(args: argparse.Namespace) -> tuple["PreTrainedTokenizerFast", str]:
+    """The tokenizer to train with, and the dir it was loaded from ("" when trained here)."""
+    if not args.tokenizer:
+        return build_tokenizer(args.seed, args.digits), ""
+    from shared.models import load_tokenizer, resolve_model
+
+    return load_tokenizer(args.tokenizer), resolve_model(args.tokenizer)  # type: ignore[return-value]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -208,20 +257,22 @@ def main(argv: list[str] | None = None) -> None:
 
     args = _parse_args(argv)
     torch.set_num_threads(args.threads)
-    tokenizer = build_tokenizer(args.seed, args.digits)
-    max_steps = max(args.teacher_steps if r == "teacher" else args.student_steps
-                    for r in args.roles)
-    pool = max(1, min(400_000, max_steps * args.batch_size))
-    data = encode_examples(tokenizer, make_problems(pool, seed=args.seed, split="train",
-                                                    digits=args.digits))
-    eval_problems = make_problems(args.eval_n, seed=args.seed, split="eval", digits=args.digits)
+    tokenizer, tokenizer_dir = _tokenizer(args)
     report: list[str] = []
-    for role in args.roles:
-        model, steps, seconds = _train_role(role, args, tokenizer, data)
-        acc = accuracy(model, tokenizer, eval_problems)
-        n_params = sum(p.numel() for p in model.parameters())
-        report.append(f"{role}: params={n_params} steps={steps} train_time={seconds:.0f}s "
-                      f"eval_accuracy={acc:.4f} (n={args.eval_n}, seed={args.seed})")
+    for task in dict.fromkeys(ROLE_TASK[r] for r in args.roles):  # tasks in --roles order
+        roles = [r for r in args.roles if ROLE_TASK[r] == task]
+        options = task_options(task, args)
+        pool = max(1, min(400_000, max(_spec(r, args).steps for r in roles) * args.batch_size))
+        data = encode_examples(tokenizer, task_problems(task, pool, seed=args.seed,
+                                                        split="train", **options))
+        eval_problems = task_problems(task, args.eval_n, seed=args.seed, split="eval", **options)
+        for role in roles:
+            model, steps, seconds = _train_role(role, args, tokenizer, data, tokenizer_dir)
+            acc = accuracy(model, tokenizer, eval_problems)
+            n_params = sum(p.numel() for p in model.parameters())
+            report.append(f"{role}: task={task} params={n_params} steps={steps} "
+                          f"train_time={seconds:.0f}s eval_accuracy={acc:.4f} "
+                          f"(n={args.eval_n}, seed={args.seed})")
     print("\n".join(report))
 
 
