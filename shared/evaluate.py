@@ -1,13 +1,15 @@
-"""Greedy-decoding accuracy of a causal LM: the built-in addition task, or a held-out dataset.
+"""Greedy-decoding accuracy of a causal LM: a built-in task, or a held-out dataset.
 
 Prompts are left-padded into batches and decoded greedily with ``model.generate``; on the
-built-in task a completion is correct when its leading digits equal the answer exactly
-(``shared.task.is_correct``). ``dataset_accuracy`` grades a dataset's rows (text or chat,
-``shared.datasets``) with any verifier (``shared.verifiers``).
+built-in tasks (``shared.builtin_tasks``: addition, list) a completion is correct when its
+leading digits equal the answer exactly (``shared.task.is_correct``). ``dataset_accuracy``
+grades a dataset's rows (text or chat, ``shared.datasets``) with any verifier
+(``shared.verifiers``).
 
 Run::
 
     python -m shared.evaluate --model builtin:teacher --n 500 --seed 0
+    python -m shared.evaluate --model builtin:list-teacher --task list --n 500
     python -m shared.evaluate --model path/to/checkpoint --n 500 --split eval
     python -m shared.evaluate --model path/to/checkpoint --eval-file held_out.jsonl --verifier numeric
 """
@@ -19,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from shared.task import Problem, is_correct, make_problems
+from shared.task import Problem, Split, is_correct
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -59,6 +61,17 @@ def accuracy(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",
         return sum(is_correct(c, p) for c, p in zip(completions, batch))
 
     return _fraction_correct(model, problems, batch_size, correct_in)
+
+
+def task_accuracy(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", task: str,
+                  n: int, *, seed: int, split: Split = "eval", batch_size: int = 128,
+                  max_new_tokens: int = 8, **options: int) -> float:
+    """``accuracy`` on ``n`` problems of the built-in task named ``task`` (``options``, e.g.
+    ``digits=3`` or ``length=5``, go to its ``make_problems``)."""
+    from shared.builtin_tasks import problems
+
+    return accuracy(model, tokenizer, problems(task, n, seed=seed, split=split, **options),
+                    batch_size=batch_size, max_new_tokens=max_new_tokens)
 
 
 def _fraction_correct(model: "PreTrainedModel", items: list, batch_size: int,
@@ -109,15 +122,19 @@ def dataset_accuracy(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBa
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from shared.builtin_tasks import TASK_NAMES
+
     parser.add_argument("--model", default="builtin:teacher",
-                        help="builtin:student, builtin:teacher, or a checkpoint path")
+                        help="builtin:student, builtin:teacher, builtin:list-teacher, or a checkpoint path")
+    parser.add_argument("--task", choices=TASK_NAMES, default="addition", help="the built-in task to grade")
     parser.add_argument("--n", type=int, default=500, help="number of problems")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", choices=["train", "eval"], default="eval")
     parser.add_argument("--eval-file", default="", help="JSONL/Parquet rows to grade instead of the built-in task")
     parser.add_argument("--verifier", default="exact", help="exact, numeric or module:function (with --eval-file)")
     parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--digits", type=int, default=3)
+    parser.add_argument("--digits", type=int, default=3, help="addition operand digits")
+    parser.add_argument("--list-length", type=int, default=5, help="list task: digits per list")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -144,9 +161,10 @@ def main(argv: list[str] | None = None) -> None:
                                max_new_tokens=args.max_new_tokens)
         what = f"eval_file={args.eval_file} verifier={args.verifier} n={len(rows)}"
     else:
-        problems = make_problems(args.n, seed=args.seed, split=args.split, digits=args.digits)
-        acc = accuracy(model, tokenizer, problems, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-        what = f"split={args.split} n={args.n} seed={args.seed}"
+        options = {"digits": args.digits} if args.task == "addition" else {"length": args.list_length}
+        acc = task_accuracy(model, tokenizer, args.task, args.n, seed=args.seed, split=args.split,
+                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, **options)
+        what = f"task={args.task} split={args.split} n={args.n} seed={args.seed}"
     print(f"model={args.model} {what} accuracy={acc:.4f} ({time.perf_counter() - start:.1f}s)")
 
 
