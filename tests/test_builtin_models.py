@@ -1,7 +1,8 @@
 """Tests of the shipped built-in checkpoints in ``shared/assets/``.
 
 The teacher must be good, the student init clearly worse but well-formed, and both must
-share one tokenizer. Run: ``python -m pytest tests/test_builtin_models.py -q``
+share one tokenizer; the list teacher must be good on the list task, with the student's
+tokenizer byte for byte. Run: ``python -m pytest tests/test_builtin_models.py -q``
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from shared.list_task import make_problems as make_list_problems
 from shared.models import builtin_path, resolve_model
 from shared.task import Problem, make_problems
 
@@ -44,7 +46,7 @@ def accuracies(loaded: dict[str, Any], problems: list[Problem]) -> dict[str, flo
 
 
 def test_builtin_paths() -> None:
-    for role in ("teacher", "student"):
+    for role in ("teacher", "student", "list-teacher"):
         path = Path(builtin_path(role))
         assert path.is_absolute() and path.name == role
         assert resolve_model(f"builtin:{role}") == str(path)
@@ -93,3 +95,56 @@ def test_batched_greedy_matches_unbatched(loaded: dict[str, Any]) -> None:
                for p in make_problems(4, seed=1, split="eval", digits=d)]
     batched = greedy_completions(model, tok, prompts)
     assert batched == [greedy_completions(model, tok, [p])[0] for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def list_teacher() -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+    from shared.models import load_model, load_tokenizer
+
+    return load_model("builtin:list-teacher"), load_tokenizer("builtin:list-teacher")
+
+
+def test_list_teacher_shares_the_tokenizer_byte_for_byte(list_teacher: Any, loaded: dict[str, Any]) -> None:
+    model, tok = list_teacher
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shipped = (Path(builtin_path("student")) / name).read_bytes()
+        assert (Path(builtin_path("list-teacher")) / name).read_bytes() == shipped
+    assert len(tok) == model.config.vocab_size == loaded["student"][0].config.vocab_size == 15
+    assert model.config.head_dim == 32  # vLLM's smallest attention head size
+    for attr in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        assert getattr(model.config, attr) == getattr(tok, attr)
+
+
+def test_list_teacher_is_good_on_lists_only(list_teacher: Any) -> None:
+    from shared.evaluate import accuracy
+
+    model, tok = list_teacher
+    assert accuracy(model, tok, make_list_problems(100, seed=0, split="eval")) >= 0.9
+    assert accuracy(model, tok, make_problems(50, seed=0, split="eval")) <= 0.2
+
+
+def test_eval_cli_grades_a_named_task(capsys: pytest.CaptureFixture[str]) -> None:
+    from shared.evaluate import main
+
+    main(["--model", "builtin:list-teacher", "--task", "list", "--n", "40"])
+    line = capsys.readouterr().out
+    assert "task=list" in line and float(line.split("accuracy=")[1].split()[0]) >= 0.8
+
+
+def test_pretrain_list_teacher_reuses_the_shipped_tokenizer(tmp_path: Path) -> None:
+    """The shipped list teacher's command, for 2 steps: only <out>/list-teacher is written,
+    with the student's tokenizer files byte for byte and the teacher's architecture."""
+    import json
+
+    from shared.pretrain import main
+
+    main(["--out", str(tmp_path), "--roles", "list-teacher", "--tokenizer", "builtin:teacher",
+          "--list-teacher-steps", "2", "--eval-n", "4", "--batch-size", "8"])
+    assert [p.name for p in tmp_path.iterdir()] == ["list-teacher"]
+    out = tmp_path / "list-teacher"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (Path(builtin_path("student")) / name).read_bytes()
+    config = json.loads((out / "config.json").read_text())
+    teacher = json.loads((Path(builtin_path("teacher")) / "config.json").read_text())
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "vocab_size"):
+        assert config[key] == teacher[key]
