@@ -1,8 +1,8 @@
 """`opd`: the project's command line.
 
     opd demo [--flags]        run the whole pipeline locally and print a summary (services/demo.py)
-    opd eval --model PATH     exact-match accuracy of a checkpoint on the built-in task
-    opd pretrain --out DIR    train the built-in tokenizer, teacher and student init (shared/pretrain.py)
+    opd eval --model PATH     exact-match accuracy of a checkpoint on a built-in task (--task addition|list)
+    opd pretrain --out DIR    train the built-in tokenizer, teachers and student init (shared/pretrain.py)
     opd bench [what]          async vs sync throughput, codec, Redis, weight broadcast, memory, hooks (services/bench/)
     opd study staleness       estimators x staleness bounds on the built-in task (services/study.py)
     opd redis [--port --password --dir]   an embedded Redis server in the foreground (--help)
