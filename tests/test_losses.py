@@ -199,3 +199,36 @@ def test_every_estimator_runs_and_is_finite_with_full_inputs():
         assert torch.isfinite(loss) and torch.isfinite(g).all() and g.abs().sum() > 0, name
     with pytest.raises(ValueError, match="unknown"):
         ObjectiveConfig(losses={"nope": 1.0})
+
+
+def test_sequence_weights_scale_each_trajectorys_terms_and_gradients():
+    """Per-teacher loss weights: row b's loss and gradient scale by w_b (0 drops it); the
+    per-sequence losses add up to the total."""
+    import dataclasses
+
+    student, teacher = dists()
+    logits = student.clone().requires_grad_(True)
+    s = torch.log_softmax(logits, -1)
+    top_lp, top_ids = teacher.topk(5, -1)
+    ids = torch.randint(0, V, (B, T))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 3:] = False
+    x = dense_inputs(s, mask, ids, s.detach().gather(-1, ids[..., None])[..., 0],
+                     teacher.gather(-1, ids[..., None])[..., 0], top_ids, top_lp)
+    losses = {"fkl_topk": 1.0, "rkl_recompute": 0.5}
+    plain = objective(x, losses, normaliser=10.0)
+    w = torch.tensor([2.0, 0.0, 1.0], dtype=torch.float64)
+    weighted = objective(dataclasses.replace(x, sequence_weights_B=w), losses, normaliser=10.0)
+    torch.testing.assert_close(weighted.sequence_losses_B, plain.sequence_losses_B * w)
+    torch.testing.assert_close(weighted.loss, (plain.sequence_losses_B * w).sum() / 10.0)
+    torch.testing.assert_close(plain.sequence_losses_B.sum() / 10.0, plain.loss.detach())
+    g, = torch.autograd.grad(weighted.loss, logits, retain_graph=True)
+    assert g[1].abs().max() == 0 and g[0].abs().max() > 0  # weight 0: no gradient from row 1
+    per_row = []
+    for b in range(B):
+        only = torch.zeros(B, dtype=torch.float64)
+        only[b] = 1.0
+        gb, = torch.autograd.grad(objective(dataclasses.replace(x, sequence_weights_B=only), losses,
+                                            normaliser=10.0).loss, logits, retain_graph=True)
+        per_row.append(gb)
+    torch.testing.assert_close(g, 2.0 * per_row[0] + 1.0 * per_row[2])

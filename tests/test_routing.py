@@ -12,10 +12,12 @@ and visible, and every trajectory is still accounted for once.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from services.audit import accounting, balanced
@@ -147,7 +149,7 @@ def items_of(client, keys: Keys, replica: str) -> int:
 @pytest.mark.smoke
 def test_two_teacher_pools_each_score_their_own_and_a_dead_pool_stalls_only_its_share(
         tmp_path: Path, redis_server, client):
-    keys, batch, steps = Keys("two-pools"), 8, 16
+    keys, batch, steps, learner_port = Keys("two-pools"), 8, 16, free_port()
     (tmp_path / "train.jsonl").write_text(routed_rows(64))
     common = {"weights_dir": tmp_path / "weights", "torch_threads": 1, "device": "cpu"}
     launcher = Launcher(env={"REDIS_URL": redis_server.url, "OPD_RUN": keys.run}, log_dir=tmp_path / "logs")
@@ -155,8 +157,8 @@ def test_two_teacher_pools_each_score_their_own_and_a_dead_pool_stalls_only_its_
         launcher.start("learner", "learner", {
             **common, "batch_size": batch, "max_steps": steps, "max_staleness": 2, "prompt_backlog": 32,
             "output_dir": tmp_path / "student", "checkpoint_dir": tmp_path / "ckpt", "checkpoint_every": 2,
-            "http_port": free_port(), "prompts_file": tmp_path / "train.jsonl", "teacher_live_s": 3,
-            "reset": True, "samples_every": 0})
+            "http_port": learner_port, "prompts_file": tmp_path / "train.jsonl", "teacher_live_s": 3,
+            "reset": True, "samples_every": 0, "idle_when_done": True, "teacher_weights": '{"b": 0.5}'})
         for pool in "ab":
             launcher.start("teacher", f"teacher-{pool}", {**common, "teacher_id": pool, "batch_size": batch,
                                                           "replica": f"teacher-{pool}", "http_port": free_port()})
@@ -169,6 +171,7 @@ def test_two_teacher_pools_each_score_their_own_and_a_dead_pool_stalls_only_its_
         until(lambda: client.hget(keys.stats, "status") == b"finished", 240,
               "the learner to finish with pool b dead", launcher)
         pools = teacher_pools.read(client, keys)
+        metrics = httpx.get(f"http://127.0.0.1:{learner_port}/metrics", timeout=10).text
         launcher.stop()
     finally:
         launcher.stop(grace_s=5)
@@ -191,3 +194,9 @@ def test_two_teacher_pools_each_score_their_own_and_a_dead_pool_stalls_only_its_
     assert outcome["still_queued"] >= pools["b"].queued
     log = (tmp_path / "logs" / "learner.log").read_text()
     assert "teacher pool 'b' is down" in log
+    for name in ("opd_teacher_trained_tokens_total", "opd_teacher_loss", "opd_teacher_sample_accuracy"):
+        assert re.search(rf'{name}{{[^}}]*teacher_id="a"}} ', metrics), name  # per teacher id
+    assert re.search(r'opd_teacher_down\{[^}]*teacher_id="b"\} 1.0', metrics)
+    assert re.search(r'opd_teacher_replicas\{[^}]*teacher_id="a"\} 1.0', metrics)
+    skipped = re.search(r'opd_prompts_skipped_total\{[^}]*teacher_id="b"\} ([0-9.]+)', metrics)
+    assert skipped and float(skipped.group(1)) > 0  # b's rows were passed over while it was down

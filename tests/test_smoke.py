@@ -105,3 +105,23 @@ def test_opd_demo_runs_end_to_end(tmp_path: Path):
     assert 0.0 <= summary["student_accuracy_after"] <= 1.0
     assert summary["teacher_accuracy"] > summary["student_accuracy_before"]
     assert "OPD demo summary" in out.stdout
+
+
+def test_opd_demo_multi_teacher_runs_end_to_end(tmp_path: Path):
+    out = subprocess.run(
+        [sys.executable, "-m", "services.cli", "demo", "--multi-teacher", "--steps", "4", "--batch-size", "8",
+         "--rollout-batch-size", "4", "--rollouts", "1", "--eval-n", "20", "--eval-every", "2",
+         "--eval-problems", "10", "--run-dir", str(tmp_path), "--http-base-port", str(free_port())],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["mode"].startswith("multi-teacher")
+    tasks = summary["tasks"]
+    assert set(tasks) == {"addition", "list"}
+    assert sum(t["trained_trajectories"] for t in tasks.values()) == 4 * 8
+    assert all(t["trained_trajectories"] > 0 for t in tasks.values())  # both pools scored their share
+    for t in tasks.values():  # each teacher knows its own task, not the other's
+        assert t["teacher"] >= 0.9 and t["other_teacher"] <= 0.2
+    assert [set(c["by_teacher"]) for c in summary["eval_curve"]] == [{"addition", "list"}] * 3
+    assert (tmp_path / "accuracy.png").exists() and "multi-teacher demo summary" in out.stdout
