@@ -7,7 +7,7 @@ after, teacher accuracy, trajectories/s, tokens/s and the staleness distribution
 
     opd demo                 # async, max_staleness 4, 2 rollouts, ~3-5 min on 2 CPU cores
     opd demo --sync          # strictly synchronous baseline (staleness 0)
-    opd demo --multi-teacher # two teachers (addition, list) into one student: services/demo_multi.py
+    opd demo --multi-teacher # two teachers (addition, list) into one student, ~9 min: services/demo_multi.py
     opd demo --help
 """
 
@@ -33,10 +33,11 @@ class DemoSettings(BaseSettings):
                                       cli_kebab_case=True, cli_implicit_flags=True,
                                       cli_prog_name="opd demo")
 
-    steps: int = 1500
-    """Learner optimizer steps."""
-    minutes: float = 10.0
-    """Stop training after this long even if the steps are not done."""
+    steps: int | None = None
+    """Learner optimizer steps (unset: 1500; --multi-teacher: 3000, two tasks to learn, one
+    of them from nothing)."""
+    minutes: float | None = None
+    """Stop training after this long even if the steps are not done (unset: 10; --multi-teacher: 15)."""
     rollouts: int = 2
     """Rollout replicas."""
     teachers: int = 1
@@ -90,6 +91,10 @@ class DemoSettings(BaseSettings):
         from services.learner.lr_defaults import resolve_lr
 
         self.lr = resolve_lr(self.lr, self.losses)
+        if self.steps is None:
+            self.steps = 3000 if self.multi_teacher else 1500
+        if self.minutes is None:
+            self.minutes = 15.0 if self.multi_teacher else 10.0
         return self
 
 

@@ -8,7 +8,7 @@ sort / reverse / k-th digit: shared/list_task.py) each run as their own teacher 
 student is evaluated on each task's held-out problems next to both teachers; the learner's
 held-out curve is kept per task (summary.json, accuracy.png).
 
-    opd demo --multi-teacher            # ~5 min on 2 CPU cores
+    opd demo --multi-teacher            # 3000 steps, ~9 min on 2 shared CPU cores
     opd demo --multi-teacher --teachers 2 --rollouts 3
 """
 
