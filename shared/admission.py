@@ -34,7 +34,7 @@ import redis
 from shared.keys import Keys
 from shared.streams import Entry
 
-# KEYS: admitted, version, limits, this request's key. A request id seen before (the client
+# KEYS: admitted, version, limits, this request's key, parked. A request id seen before (the client
 # retried after a lost reply) gets its first answer back and changes nothing.
 _ADMIT = """
 local version = tonumber(redis.call('GET', KEYS[2]) or '-1')
@@ -45,7 +45,7 @@ local grant = 0
 if version >= 0 and batch >= 1 then
   local stale = tonumber(redis.call('HGET', KEYS[3], 'max_staleness') or '0')
   local admitted = tonumber(redis.call('GET', KEYS[1]) or '0')
-  local parked = tonumber(redis.call('HGET', KEYS[3], 'parked') or '0')
+  local parked = tonumber(redis.call('GET', KEYS[5]) or '0')
   grant = math.max(0, math.min(tonumber(ARGV[1]), (version + stale + 1) * batch + parked - admitted))
 end
 if grant > 0 then  -- a retried zero grant took nothing: it may be answered afresh
@@ -83,7 +83,7 @@ class Admission:
         """Try to admit up to `want` trajectories; returns (granted, learner version)."""
         request = f"{self.keys.admitted}:request:{uuid.uuid4().hex}"  # retries re-send the same id
         granted, version = self._script(
-            keys=[self.keys.admitted, self.keys.version, self.keys.limits, request], args=[want]
+            keys=[self.keys.admitted, self.keys.version, self.keys.limits, request, self.keys.parked], args=[want]
         )
         return int(granted), int(version)
 

@@ -12,15 +12,24 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-TEACHER_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-"""What a teacher id may be: it becomes part of a stream name and a metric label."""
+TEACHER_ID = re.compile(r"[A-Za-z0-9_./-]{1,128}")
+"""What a teacher id may be (a name or a hub id): it becomes part of a stream name and a metric label."""
+RUN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+"""What a run name may be: the second part of every key, `opd:<run>:...`."""
 
 
 def check_teacher_id(teacher_id: str) -> str:
     """The id itself if it is "" (the default teacher) or a valid name, else ValueError."""
     if teacher_id and not TEACHER_ID.fullmatch(teacher_id):
-        raise ValueError(f"teacher id {teacher_id!r}: use 1-64 letters, digits, '_', '.' or '-'")
+        raise ValueError(f"teacher id {teacher_id!r}: use 1-128 letters, digits, '_', '.', '/' or '-'")
     return teacher_id
+
+
+def check_run_name(run: str) -> str:
+    """The run name itself if valid, else ValueError (a ':' would break every key's layout)."""
+    if not RUN_NAME.fullmatch(run):
+        raise ValueError(f"run name {run!r}: use 1-64 letters, digits, '_', '.' or '-'")
+    return run
 
 
 @dataclass(frozen=True)
@@ -50,8 +59,14 @@ class Keys:
     @property
     def teachers(self) -> str:
         """Hash: teacher id -> JSON status of its pool (replicas, queued, down), written by the
-        learner (services/learner/teacher_pools.py), read by rollouts for backpressure."""
+        learner (services/learner/pool_monitor.py, shared/teacher_pools.py), read by rollouts."""
         return self._k("teachers")
+
+    @property
+    def parked(self) -> str:
+        """Key (expires within seconds): trajectories queued at teacher pools set aside as down,
+        refreshed by the learner's pool survey, read by admission control."""
+        return self._k("parked")
 
     @property
     def tokenizer(self) -> str:
@@ -135,7 +150,7 @@ class Keys:
             self.prompts, self.trajectories, self.scored, self.dead,
             self.weights, self.versions, self.version, self.admitted, self.admission_tokens, self.record,
             self.limits, self.replicas, self.produced, self.stats, self.rollout_seq, self.samples,
-            self.teachers, self.tokenizer,
+            self.teachers, self.tokenizer, self.parked,
         ]
 
     def trajectory_streams(self, client) -> list[str]:

@@ -67,7 +67,7 @@ class Context:
             status = {"service": self.name, "busy_s": m.value("opd_busy_seconds_total"),
                       "items": m.value("opd_items_total"), "tokens": m.value("opd_tokens_total"),
                       "overhead_s": m.overhead_s(),
-                      "state": self.heartbeat.state, "at": time.time(), **info()}
+                      "state": self.heartbeat.state, "healthy": self.heartbeat.healthy(), "at": time.time(), **info()}
             try:
                 self.client.hset(self.keys.replicas, self.settings.replica, json.dumps(status))
             except redis.RedisError:

@@ -14,7 +14,7 @@ import socket
 from collections.abc import Callable
 from typing import Literal, TypeVar
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 S = TypeVar("S", bound=BaseSettings)
@@ -46,7 +46,8 @@ class ServiceSettings(BaseSettings):
     redis_url: str = Field(default_factory=_env("REDIS_URL", "redis://127.0.0.1:6379/0"))
     """Redis server URL, `redis://[:password@]host:port/db` (also env REDIS_URL)."""
     run: str = Field(default_factory=_env("OPD_RUN", "default"))
-    """Run name: namespaces every stream and key, so runs can share one Redis (also env OPD_RUN)."""
+    """Run name: namespaces every stream and key, so runs can share one Redis (also env OPD_RUN);
+    letters, digits, '_', '.', '-'."""
     weights_dir: str = Field(default_factory=_env("OPD_WEIGHTS_DIR", "runs/default/weights"))
     """Directory shared by learner and rollouts holding published weight versions (also env OPD_WEIGHTS_DIR)."""
     replica: str = Field(default_factory=_replica_name)
@@ -74,6 +75,13 @@ class ServiceSettings(BaseSettings):
     gpu_memory_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
     """Cap on this process's CUDA memory as a fraction of its GPU (torch's caching allocator;
     0: no cap), so services sharing one GPU fit; vLLM engines use gpu_memory_utilization."""
+
+    @field_validator("run")
+    @classmethod
+    def _run(cls, value: str) -> str:
+        from shared.keys import check_run_name
+
+        return check_run_name(value)
 
 
 class ScoringSettings(ServiceSettings):

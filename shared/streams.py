@@ -376,23 +376,26 @@ def wait_for_room(
 
 
 # KEYS: stream, dedup key, counter hash (may be unused). ARGV: counter field ("" for none),
-# then payloads. A call whose dedup key exists already ran (its reply was lost and the client
-# retried): it writes nothing again.
+# how much to add to it, then payloads. A call whose dedup key exists already ran (its reply
+# was lost and the client retried): it writes nothing again.
 _PRODUCE = """
 if not redis.call('SET', KEYS[2], 1, 'NX', 'EX', 600) then return 0 end
-for i = 2, #ARGV do redis.call('XADD', KEYS[1], '*', 'm', ARGV[i]) end
-if ARGV[1] ~= '' then redis.call('HINCRBY', KEYS[3], ARGV[1], #ARGV - 1) end
-return #ARGV - 1
+for i = 3, #ARGV do redis.call('XADD', KEYS[1], '*', 'm', ARGV[i]) end
+if ARGV[1] ~= '' then redis.call('HINCRBY', KEYS[3], ARGV[1], ARGV[2]) end
+return #ARGV - 2
 """
 
 
-def produce(client: redis.Redis, stream: str, payloads: Sequence[bytes], counter: str = "") -> int:
+def produce(client: redis.Redis, stream: str, payloads: Sequence[bytes], counter: str = "",
+            count: int | None = None) -> int:
     """XADD payloads in one server-side script (no trimming: backpressure bounds the stream);
     returns how many were written. Idempotent: the call carries a unique token, so the
     client's retry after a lost reply writes nothing twice. `counter`: a field of the run's
-    `produced` hash to add len(payloads) to in the same step (the feeder's position)."""
-    if not payloads:
+    `produced` hash to add `count` (default len(payloads)) to in the same step (the feeder's
+    position, which also counts rows it passed over)."""
+    count = len(payloads) if count is None else count
+    if not payloads and not (counter and count):
         return 0
     token = f"{stream}:dedup:{uuid.uuid4().hex}"
     script = client.register_script(_PRODUCE)
-    return int(script(keys=[stream, token, produced_key(stream)], args=[counter, *payloads]))
+    return int(script(keys=[stream, token, produced_key(stream)], args=[counter, count, *payloads]))

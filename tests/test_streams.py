@@ -394,3 +394,14 @@ def test_redis_stats_count_stream_inflow_through_trimming(client, keys):
     assert metrics.registry.get_sample_value("opd_stream_entries_added", {**labels, "stream": "dead"}) == 5
     assert metrics.registry.get_sample_value("opd_stream_length", {**labels, "stream": "prompts"}) == 3
     assert metrics.registry.get_sample_value("opd_redis_memory_bytes", labels) == stats.used_memory_bytes
+
+
+def test_produce_counts_what_it_is_told_in_the_same_step(client, keys):
+    """The feeder's position counts rows it passed over too: count >= the entries written."""
+    from shared.streams import produce, produced_key
+
+    assert produce(client, keys.prompts, [b"a"], counter="pos", count=3) == 1
+    assert produce(client, keys.prompts, [], counter="pos", count=2) == 0  # only rows passed over
+    assert produce(client, keys.prompts, []) == 0
+    assert client.xlen(keys.prompts) == 1 and int(client.hget(produced_key(keys.prompts), "pos")) == 5
+    assert produced_key("opd:run:trajectories:Qwen/Qwen2.5-7B") == "opd:run:produced"

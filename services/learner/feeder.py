@@ -23,7 +23,7 @@ import numpy as np
 import redis
 
 from shared.datasets import Example, prompt_ids
-from shared.streams import produce, produced_key, wait_for_room
+from shared.streams import produce, wait_for_room
 from shared.task import Problem, make_problems
 from shared.wire import Prompt, encode
 
@@ -110,9 +110,9 @@ class PromptFeeder:
                     self.on_skip(teacher_of(p))
                 else:
                     keep.append(p)
-            produce(self.client, self.stream, [encode(self._prompt(p)) for p in keep], counter=FED_FIELD)
-            if len(keep) < len(batch):  # the position counts rows passed over too
-                self.client.hincrby(produced_key(self.stream), FED_FIELD, len(batch) - len(keep))
+            # the position counts rows passed over too, in the same step as the writes
+            produce(self.client, self.stream, [encode(self._prompt(p)) for p in keep], counter=FED_FIELD,
+                    count=len(batch))
             self.fed += len(batch)
             if not keep:  # a stretch of rows for a pool that is down: do not spin through the data
                 self.stop.wait(0.2)

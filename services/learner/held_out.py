@@ -10,11 +10,14 @@ opd_teacher_eval_accuracy{teacher_id}) and keeps the curve in the run's stats.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from services.learner.settings import LearnerSettings
 from shared.datasets import Example
 from shared.verifiers import Verifier
+
+log = logging.getLogger("opd.learner")
 
 
 def builtin_sets(tasks: list[str], n: int) -> dict[str, list]:
@@ -73,3 +76,16 @@ class HeldOut:
                 per[teacher_id] = accuracy(model, tokenizer, rows, max_new_tokens=self.s.eval_max_new_tokens)
         overall = sum(per[t] * len(rows) for t, rows in self.sets.items()) / max(1, self.size)
         return overall, per
+
+    def point(self, model: Any, tokenizer: Any, lm: Any, step: int, elapsed_s: float) -> dict[str, Any]:
+        """Evaluate, set the learner's gauges (LearnerMetrics `lm`), log; the curve's new point."""
+        acc, per = self.evaluate(model, tokenizer)
+        lm.eval_accuracy.set(acc)
+        for tid, value in per.items():
+            lm.teacher_eval.labels(**lm.lab, teacher_id=tid or "default").set(value)
+        point: dict[str, Any] = {"step": step, "accuracy": round(acc, 4), "elapsed_s": round(elapsed_s, 2)}
+        if len(per) > 1:
+            point["by_teacher"] = {tid: round(v, 4) for tid, v in per.items()}
+        log.info("step %d held-out accuracy %.3f (%d problems)%s", step, acc, self.size,
+                 "".join(f" {tid}={v:.3f}" for tid, v in per.items()) if len(per) > 1 else "")
+        return point

@@ -63,3 +63,13 @@ class LearnerMetrics:
             self.teacher_trajectories.labels(**lab).inc(len(rows))
             self.teacher_accuracy.labels(**lab).set(sum(correct[i] for i in rows) / len(rows))
             self.teacher_loss.labels(**lab).set(metrics.pop(f"teacher_loss/{tid}", 0.0))
+
+
+def count_teachers(per: dict[str, dict[str, int]], batch: list[ScoredTrajectory], flags: list[bool]) -> None:
+    """Per teacher id, into the learner's stats (checkpointed): trained trajectories, tokens,
+    correct samples."""
+    for m, ok in zip(batch, flags):
+        row = per.setdefault(m.trajectory.prompt.teacher_id, {"trajectories": 0, "tokens": 0, "correct": 0})
+        row["trajectories"] += 1
+        row["tokens"] += m.trajectory.num_tokens
+        row["correct"] += int(ok)

@@ -1,8 +1,9 @@
 """The learner's watch over the teacher pools: survey once a second, publish, export.
 
 A daemon thread (beside the prompt feeder) that runs shared/teacher_pools.py's survey
-over the run's teacher ids, publishes it (the `teachers` hash for rollouts, `parked` for
-admission control) and exports per teacher id:
+over every teacher id it knows of (the data's, every trajectories stream's, every teacher
+replica's), publishes it (the `teachers` hash for rollouts, `parked` for admission
+control; both withdrawn when it stops) and exports per teacher id:
 
 * `opd_teacher_replicas{teacher_id}`: live replicas of its pool;
 * `opd_teacher_queue_depth{teacher_id}`: trajectories waiting in its stream (undelivered +
@@ -34,9 +35,10 @@ def label(teacher_id: str) -> str:
 
 class PoolMonitor:
     def __init__(self, client: redis.Redis, keys: Keys, teacher_ids: list[str], registry: CollectorRegistry,
-                 lab: dict[str, str], live_after_s: float, every_s: float = 1.0) -> None:
-        self.client, self.keys, self.teacher_ids = client, keys, sorted(set(teacher_ids))
-        self.live_after_s, self.every_s = live_after_s, every_s
+                 lab: dict[str, str], live_after_s: float, park_cap: int = 0, every_s: float = 1.0) -> None:
+        """`park_cap`: at most this many trajectories parked ((max_staleness + 1) x batch_size)."""
+        self.client, self.keys, self.park_cap, self.every_s = client, keys, park_cap, every_s
+        self.survey = teacher_pools.Survey(client, keys, sorted(set(teacher_ids)), live_after_s)
         names = [*lab, "teacher_id"]
         self.replicas = Gauge("opd_teacher_replicas", "Live replicas of each teacher pool", names, registry=registry)
         self.queued = Gauge("opd_teacher_queue_depth", "Trajectories waiting for each teacher pool",
@@ -59,6 +61,10 @@ class PoolMonitor:
     def close(self) -> None:
         self.stop.set()
         self.thread.join(timeout=5)
+        try:
+            teacher_pools.withdraw(self.client, self.keys)
+        except redis.RedisError as e:  # the parked count lapses on its own within seconds
+            log.warning("could not withdraw the teacher pool survey: %s", e)
 
     def down(self, teacher_id: str) -> bool:
         """Whether the feeder should skip this teacher's prompts for now (set aside: down
@@ -69,14 +75,15 @@ class PoolMonitor:
         self.skipped.labels(**self.lab, teacher_id=label(teacher_id)).inc()
 
     def poll(self) -> None:
-        pools = teacher_pools.survey(self.client, self.keys, self.teacher_ids, self.live_after_s)
-        teacher_pools.publish(self.client, self.keys, pools)
+        pools = self.survey.poll()
+        teacher_pools.publish(self.client, self.keys, pools, self.park_cap)
         for tid, pool in pools.items():
             was = self.pools.get(tid)
             if pool.down and not (was and was.down):
                 log.warning("teacher pool %r is down: %d trajectories queued, no live replica; while "
                             "another pool is up its prompts are skipped, until a replica with "
-                            "--teacher-id %s is up", label(tid), pool.queued, tid or '""')
+                            "--teacher-id %s is up%s", label(tid), pool.queued, tid or '""',
+                            "" if tid in self.survey.teacher_ids else " (not a teacher id of this run's data)")
             elif was and was.down and not pool.down:
                 log.info("teacher pool %r is back: %d replicas", label(tid), pool.replicas)
             lab = {**self.lab, "teacher_id": label(tid)}

@@ -127,7 +127,7 @@ class Trainer:
             rows += g
             merge_metrics(metrics, out.metrics)
             for i, loss in zip(g, out.sequence_losses_B.tolist()):
-                key = f"teacher_loss_sum/{batch[i].trajectory.prompt.teacher_id}"
+                key = f"teacher_loss_sum/{batch[i].trajectory.prompt.teacher_id}/sum"  # not */max: summed
                 metrics[key] = metrics.get(key, 0.0) + loss
         metrics["microbatches"] = sum(g is not None for g in groups)
         merged: dict[str, float] = {}
@@ -253,7 +253,7 @@ def per_teacher_loss(metrics: dict[str, float], batch: list[ScoredTrajectory]) -
         tid = b.trajectory.prompt.teacher_id
         tokens[tid] = tokens.get(tid, 0) + b.trajectory.num_tokens
     for tid, n in tokens.items():
-        metrics[f"teacher_loss/{tid}"] = metrics.pop(f"teacher_loss_sum/{tid}", 0.0) / max(1, n)
+        metrics[f"teacher_loss/{tid}"] = metrics.pop(f"teacher_loss_sum/{tid}/sum", 0.0) / max(1, n)
 
 
 def _lengths(batch: list[ScoredTrajectory]) -> list[int]:

@@ -31,7 +31,7 @@ from services.learner import checkpoint
 from services.learner.data import LearnerData
 from services.learner.held_out import HeldOut
 from services.learner.distributed import Ranks
-from services.learner.metrics import LearnerMetrics
+from services.learner.metrics import LearnerMetrics, count_teachers
 from services.learner.samples import SampleLog
 from services.learner.settings import LearnerSettings
 from services.learner.staleness import Lineage, StalenessTracker
@@ -133,19 +133,12 @@ class LearnerWorker:
         return self.s.max_steps > 0 and self.version >= self.s.max_steps
 
     def _start(self):
-        from services.learner.feeder import PromptFeeder, builtin_problems, file_problems, resume_position
-        from services.learner.pool_monitor import PoolMonitor
         from shared.tokenizer_check import publish as publish_tokenizer
 
         ctx, keys = self.ctx, self.ctx.keys
         self.data.check_tokenisable(self.tokenizer, self.s.chat_template_kwargs)  # before anything is deleted
         if self.s.reset:  # explicit: the run's streams, counts and checkpoints go
-            import shutil
-
-            pools = [keys.trajectories_for(t) for t in self.data.teacher_ids(self.s)]
-            ctx.client.delete(*keys.trajectory_streams(ctx.client), *pools, *keys.all())
-            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
-            log.warning("--reset: deleted run %r's keys and checkpoints in %s", self.s.run, self.checkpoint_dir)
+            self._reset()
         ckpt = checkpoint.latest(self.checkpoint_dir) if self.s.resume else None
         if ckpt is None and ctx.client.exists(keys.version, keys.stats):
             raise RunStateError(
@@ -158,22 +151,44 @@ class LearnerWorker:
                                           on_poison=release_poison(self.admission, ScoredTrajectory))
         if ckpt is not None:
             self._restore(ckpt)
-        problems = file_problems(self.data.prompts) if self.s.prompts_file else \
-            builtin_problems(self.s.seed, self.s.tasks)
-        self.pools = PoolMonitor(ctx.client, keys, self.data.teacher_ids(self.s), ctx.metrics.registry, self.lm.lab,
-                                 self.s.teacher_live_s).start()
-        # resume the prompt order after the last prompt fed (Redis counts it with each XADD, so
-        # prompts fed after the checkpoint, still in the stream, are not fed twice)
-        fed = resume_position(ctx.client, keys.produced, self.resumed.get("prompts_fed", 0))
-        self.feeder = PromptFeeder(ctx.client, keys.prompts, self.tokenizer,
-                                   itertools.islice(problems, fed, None), self.s.prompt_backlog,
-                                   lambda: self.version, fed=fed, template_kwargs=self.s.chat_template_kwargs,
-                                   skip=self.pools.down, on_skip=self.pools.count_skipped)
+        feeder = self._feeder()
         # a new run's version 0, or a restore's new epoch: checkpointed before it is published or
         # trained, so a restart from here on resumes (never starts over) and never reuses an epoch
         self._checkpoint()
         self._publish()
-        return self.feeder.start()
+        return feeder.start()
+
+    def _reset(self) -> None:
+        import shutil
+
+        keys = self.ctx.keys
+        streams = {k for k in self.ctx.client.scan_iter(match=f"{keys.trajectories}:*", _type="stream")}
+        self.ctx.client.delete(*keys.trajectory_streams(self.ctx.client), *streams, *keys.all())
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+        log.warning("--reset: deleted run %r's keys and checkpoints in %s", self.s.run, self.checkpoint_dir)
+
+    def _feeder(self):
+        """The teacher pools' survey and the prompt feeder (started by the caller)."""
+        import copy
+
+        from services.learner.feeder import PromptFeeder, builtin_problems, file_problems, resume_position
+        from services.learner.pool_monitor import PoolMonitor
+
+        ctx, keys = self.ctx, self.ctx.keys
+        self.pools = PoolMonitor(ctx.client, keys, self.data.teacher_ids(self.s), ctx.metrics.registry, self.lm.lab,
+                                 self.s.teacher_live_s, park_cap=(self.s.max_staleness + 1) * self.s.batch_size).start()
+        problems = file_problems(self.data.prompts) if self.s.prompts_file else \
+            builtin_problems(self.s.seed, self.s.tasks)
+        # resume the prompt order after the last prompt fed (Redis counts it with each XADD, so
+        # prompts fed after the checkpoint, still in the stream, are not fed twice)
+        fed = resume_position(ctx.client, keys.produced, self.resumed.get("prompts_fed", 0))
+        # its own tokenizer: a fast tokenizer's padding state is not thread-safe, and the
+        # evaluation pads batches on this thread while the feeder encodes on its own
+        self.feeder = PromptFeeder(ctx.client, keys.prompts, copy.deepcopy(self.tokenizer),
+                                   itertools.islice(problems, fed, None), self.s.prompt_backlog,
+                                   lambda: self.version, fed=fed, template_kwargs=self.s.chat_template_kwargs,
+                                   skip=self.pools.down, on_skip=self.pools.count_skipped)
+        return self.feeder
 
     def _collect(self, batch: list[ScoredTrajectory], ids: list[bytes]) -> None:
         """Read, validate and staleness-filter entries until the batch is full or a read times out."""
@@ -278,24 +293,16 @@ class LearnerWorker:
             return  # a prompts file without an eval file: nothing held out to grade
         self.ctx.heartbeat.beat("evaluating")
         with self.student.evaluated() as model:
-            acc, per = self.held_out.evaluate(model, self.tokenizer)
-        self.lm.eval_accuracy.set(acc)
-        for tid, value in per.items():
-            self.lm.teacher_eval.labels(**self.lm.lab, teacher_id=tid or "default").set(value)
-        point = {"step": self.version, "accuracy": round(acc, 4), "elapsed_s": round(time.time() - self.started_at, 2)}
-        if len(per) > 1:
-            point["by_teacher"] = {tid: round(v, 4) for tid, v in per.items()}
+            point = self.held_out.point(model, self.tokenizer, self.lm, self.version, time.time() - self.started_at)
         self.stats.setdefault("eval_curve", []).append(point)
         self.ctx.client.hset(self.ctx.keys.stats, "eval_curve", json.dumps(self.stats["eval_curve"]))
-        log.info("step %d held-out accuracy %.3f (%d problems)%s", self.version, acc, self.held_out.size,
-                 "".join(f" {tid}={v:.3f}" for tid, v in per.items()) if len(per) > 1 else "")
 
     def _account(self, batch: list[ScoredTrajectory], metrics: dict[str, float], elapsed: float) -> None:
         flags = [bool(self.verifier(self.tokenizer.decode(m.trajectory.completion_ids_T, skip_special_tokens=True),
                                     m.trajectory.prompt.answer)) for m in batch]
         correct = sum(flags)
         self.lm.teachers(batch, flags, metrics)
-        self._count_teachers(batch, flags)
+        count_teachers(self.stats.setdefault("teachers", {}), batch, flags)
         self.samples.maybe_write(self.version, batch)
         tokens = sum(m.trajectory.num_tokens for m in batch)
         self.stats["trained_tokens"] += tokens
@@ -316,15 +323,6 @@ class LearnerWorker:
         log.info("step %d loss %.4f fkl %.4f sample_acc %.2f staleness %s", self.version,
                  metrics["loss/total"], metrics["kl/forward_topk"], correct / len(batch),
                  self.tracker.summary()["histogram"])
-
-    def _count_teachers(self, batch: list[ScoredTrajectory], flags: list[bool]) -> None:
-        """Per teacher id, in the stats (checkpointed): trained trajectories, tokens, correct samples."""
-        per = self.stats.setdefault("teachers", {})
-        for m, ok in zip(batch, flags):
-            row = per.setdefault(m.trajectory.prompt.teacher_id, {"trajectories": 0, "tokens": 0, "correct": 0})
-            row["trajectories"] += 1
-            row["tokens"] += m.trajectory.num_tokens
-            row["correct"] += int(ok)
 
     def _publish(self) -> None:
         finished = time.time()

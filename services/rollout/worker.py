@@ -103,7 +103,7 @@ class RolloutWorker:
         room = wait_for_room(client, lambda: open_streams(keys, read_pools(client, keys)), self.s.max_backlog,
                              min(self.s.batch_size, self.s.max_backlog),
                              stop=stop.is_set, on_wait=lambda: self.ctx.heartbeat.beat("backpressure"))
-        for stream in open_streams(keys, read_pools(client, keys)):
+        for stream in [keys.trajectories_for(t) for t in read_pools(client, keys)] or [keys.trajectories]:
             self.ctx.metrics.depth(stream, backlog(client, stream))
         if not room:
             return []

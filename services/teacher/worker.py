@@ -39,7 +39,8 @@ class TeacherWorker:
         self.consumer = ctx.consumer(self.stream, "teacher",
                                      on_poison=release_poison(self.admission, Trajectory))
         self.record = {"top_k": min(settings.top_k, self.vocab_size), "draws": settings.draws}
-        claim(ctx.client, ctx.keys, self.record)  # refuse to start against a run that disagrees
+        self.tokenizer = None  # loaded by check_tokenizer
+        self.student_tokenizer: bytes | None = None  # the learner's fingerprint we checked against
 
     def info(self) -> dict[str, Any]:
         return {"model": self.s.model, "teacher_id": self.s.teacher_id}
@@ -51,18 +52,29 @@ class TeacherWorker:
         if any(a.size and (a.min() < 0 or a.max() >= self.vocab_size) for a in ids):
             raise WireError(f"token ids outside the teacher vocabulary [0, {self.vocab_size})")
 
-    def check_tokenizer(self, stop: threading.Event) -> bool:
-        """Wait for the learner's tokenizer fingerprint; TokenizerMismatch if ours differs."""
+    def check_tokenizer(self, stop: threading.Event | None = None) -> bool:
+        """Wait for the learner's tokenizer fingerprint; TokenizerMismatch if ours differs.
+        Again only when the learner's changed since (a --reset with another student)."""
         from shared.models import load_tokenizer, resolve_model
         from shared.tokenizer_check import wait_and_check
 
-        return wait_and_check(self.ctx.client, self.ctx.keys, load_tokenizer(resolve_model(self.s.model)),
-                              f"opd-teacher {self.s.replica} ({self.s.model})", stop=stop.is_set,
-                              on_wait=lambda: self.ctx.heartbeat.beat("waiting-for-learner"))
+        current = self.ctx.client.get(self.ctx.keys.tokenizer)
+        if current is not None and current == self.student_tokenizer:
+            return True
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(resolve_model(self.s.model))
+        ok = wait_and_check(self.ctx.client, self.ctx.keys, self.tokenizer,
+                            f"opd-teacher {self.s.replica} ({self.s.model})",
+                            stop=stop.is_set if stop else lambda: False,
+                            on_wait=lambda: self.ctx.heartbeat.beat("waiting-for-learner"))
+        self.student_tokenizer = self.ctx.client.get(self.ctx.keys.tokenizer) if ok else None
+        return ok
 
     def run(self, stop: threading.Event) -> None:
         keys, client = self.ctx.keys, self.ctx.client
-        if not self.check_tokenizer(stop):
+        if self.check_tokenizer(stop):
+            claim(client, keys, self.record)  # refuse to start against a run that disagrees
+        else:
             stop.set()  # asked to stop while waiting for the learner
         while not stop.is_set():
             self.ctx.heartbeat.beat("waiting")
@@ -83,6 +95,7 @@ class TeacherWorker:
 
     def _score(self, trajs: list[Trajectory], ids: list[bytes], payload: dict[bytes, bytes]) -> None:
         self.ctx.heartbeat.beat("scoring")
+        self.check_tokenizer()  # again after a learner --reset (with another student?)
         claim(self.ctx.client, self.ctx.keys, self.record)  # again after a learner --reset
         started = time.perf_counter()
         scores, failures = isolate(trajs, self.backend.score)
