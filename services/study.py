@@ -73,6 +73,8 @@ class StudySettings(GradientSettings, BaseSettings):
     """Evaluate every this many steps."""
     eval_n: int = 200
     """Held-out problems per evaluation."""
+    curves: bool = False
+    """Also tabulate every run's accuracy at each evaluation (per seed) in table.md."""
     student: str = "builtin:student"
     """Student checkpoint."""
     teacher: str = "builtin:teacher"
@@ -80,7 +82,7 @@ class StudySettings(GradientSettings, BaseSettings):
     top_k: int = 64
     """Teacher top-k cached per position (the built-in vocabulary has 15 ids: 64 = all)."""
     reuse: list[str] = []
-    """Report folders whose runs are reused where variant, staleness, seed and rate match
+    """Report folders whose runs are reused where variant, staleness, seed, rate and steps match
     (resume a study, or split one over processes; the folders must use the same settings)."""
     merge: list[str] = []
     """Instead of running, combine the results.json (and gradients.json) of these report
@@ -191,7 +193,7 @@ class Runner:
 
     def get(self, spec: str, staleness: int, seed: int, lr: float, phase: str) -> dict[str, Any]:
         for r in self.runs:
-            if (r["estimator"], r["staleness"], r["seed"], r["lr"]) == (spec, staleness, seed, lr):
+            if run_key(r) == (spec, staleness, seed, lr, self.s.steps):
                 return r
         t0 = time.perf_counter()
         run = {**run_one(self.s, self.models, staleness, spec, seed, lr), "phase": phase}
@@ -235,13 +237,18 @@ def run_study(s: StudySettings) -> list[dict[str, Any]]:
     return write_report(s, runner.runs, gradients)
 
 
+def run_key(run: dict[str, Any]) -> tuple[str, int, int, float, int]:
+    """What makes two runs the same: variant, staleness, seed, rate and length (final step)."""
+    return run["estimator"], run["staleness"], run["seed"], run["lr"], run["curve"][-1]["step"]
+
+
 def load_merged(dirs: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """All runs of these report folders (a run kept once) and their gradient results, if any."""
     runs, seen, gradients = [], set(), None
     for d in dirs:
         results = Path(d) / "results.json"
         for r in json.loads(results.read_text())["runs"] if results.exists() else []:
-            key = (r["estimator"], r["staleness"], r["seed"], r["lr"])
+            key = run_key(r)
             if key not in seen:
                 seen.add(key)
                 runs.append(r)

@@ -79,6 +79,24 @@ def sweep_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def curve_table(s: StudySettings, runs: list[dict[str, Any]]) -> str:
+    """Markdown: per-seed accuracy at every evaluation, one table per (variant, staleness) cell."""
+    parts = []
+    for spec in s.estimators:
+        for k in s.staleness:
+            cell = sorted(cell_runs(s, runs, spec, k), key=lambda r: r["seed"])
+            if not cell:
+                continue
+            steps = [p["step"] for p in min((r["curve"] for r in cell), key=len)]
+            lines = [f"{spec}, staleness {k}:", "", "| step | " + " | ".join(f"seed {r['seed']}" for r in cell)
+                     + " | mean |", "|---|" + "---|" * (len(cell) + 1)]
+            for i, step in enumerate(steps):
+                accs = [r["curve"][i]["accuracy"] for r in cell]
+                lines.append(f"| {step} | " + " | ".join(f"{a:.3f}" for a in accs) + f" | {np.mean(accs):.3f} |")
+            parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
 def gradient_table(gradients: dict[str, Any] | None) -> str:
     """Markdown: mean cosine with the exact reverse-KL gradient (± std over minibatches) and the
     relative variance, per variant row and staleness column."""
@@ -169,6 +187,7 @@ def write_report(s: StudySettings, runs: list[dict[str, Any]],
 
     parts = [("Learning-rate sweep at staleness 0 (bold: chosen)", sweep_table(runs)),
              ("Final accuracy", final_table(s, runs) if runs else ""),
+             ("Accuracy curves per seed", curve_table(s, runs) if s.curves else ""),
              ("Gradient cosine with the exact reverse-KL gradient", gradient_table(gradients)),
              ("The paper's claims", claims_markdown(s, runs, gradients) if runs else "")]
     table = "\n".join(f"## {title}\n\n{body}" for title, body in parts if body)

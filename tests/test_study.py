@@ -43,3 +43,18 @@ def test_variants_parse():
     assert parse_variant("rkl_stale+m2po")[1].stabiliser.kind == "m2po"
     with pytest.raises(ValueError):
         parse_variant("fkl_topk+tis")
+
+
+def test_reuse_and_merge_match_run_length(tmp_path):
+    s = StudySettings(staleness=[0], estimators=["fkl_topk"], seeds=1, steps=2, batch_size=8, eval_every=1,
+                      eval_n=8, curves=True, out=str(tmp_path / "a"))
+    (first,) = run_study(s)
+    table = (tmp_path / "a" / "table.md").read_text()
+    assert "fkl_topk, staleness 0:" in table and "| step | seed 0 | mean |" in table and "\n| 2 | " in table
+    (again,) = run_study(s.model_copy(update={"reuse": [str(tmp_path / "a")], "out": str(tmp_path / "b")}))
+    assert again == first  # same settings: reused, not re-run (the timings would differ)
+    longer = run_study(s.model_copy(update={"reuse": [str(tmp_path / "a")], "steps": 3, "out": str(tmp_path / "c")}))
+    assert [r["curve"][-1]["step"] for r in longer] == [2, 3]  # a 2-step run does not stand in for a 3-step one
+    merged = run_study(s.model_copy(update={"merge": [str(tmp_path / "a"), str(tmp_path / "c")],
+                                            "out": str(tmp_path / "m")}))
+    assert len(merged) == 2
