@@ -5,6 +5,7 @@
 #   scripts/compose-e2e.sh --start-engine      # starts its own dockerd (root), stops it at the end
 #   STANDIN=1 scripts/compose-e2e.sh           # air-gapped: Debian stand-in bases + host-built wheels
 #   E2E_LEARNER_PROCS=2 scripts/compose-e2e.sh # the same with a 2-rank torchrun learner
+#   E2E_MULTI_TEACHER=1 scripts/compose-e2e.sh # two teacher pools (deploy/docker-compose.multi-teacher*.yml)
 #
 # Brings up redis, learner, teacher, rollout and Prometheus (and Grafana when its image is
 # there) from docker-compose.yml + deploy/docker-compose.cpu.yml under project $E2E_PROJECT,
@@ -21,6 +22,8 @@
 #   dashboard    every panel query of the Grafana dashboard returns data from the real
 #                Prometheus (plus Grafana's health and the provisioned dashboard, if it runs)
 #   down         `down -v` leaves no container, volume or network of the project
+#   pools        (E2E_MULTI_TEACHER=1) the addition and list pools each have a live replica and
+#                the learner trains trajectories of both
 #
 # Images. STANDIN=auto (default) builds stand-ins when python:3.11-slim can be neither found
 # nor pulled: scripts/standin-images.sh (Debian python3 3.11, redis-server 7.0, prometheus
@@ -36,6 +39,10 @@ BATCH=16
 WORK=${E2E_WORK:-/tmp/opd-compose-e2e}
 PROM=http://127.0.0.1:9090
 START_ENGINE=0
+MULTI_FILES=()
+if [ "${E2E_MULTI_TEACHER:-0}" = 1 ]; then
+  MULTI_FILES=(-f deploy/docker-compose.multi-teacher.yml -f deploy/docker-compose.multi-teacher.cpu.yml)
+fi
 [ "${1:-}" = "--start-engine" ] && START_ENGINE=1
 declare -a RESULTS=()
 FAILED=0
@@ -46,7 +53,7 @@ record() {  # record NAME PASS|FAIL DETAIL
   [ "$2" = PASS ] || FAILED=1
   log "$1: $2 $3"
 }
-compose() { docker compose -p "$PROJECT" -f docker-compose.yml -f deploy/docker-compose.cpu.yml "$@"; }
+compose() { docker compose -p "$PROJECT" -f docker-compose.yml -f deploy/docker-compose.cpu.yml "${MULTI_FILES[@]}" "$@"; }
 promql() {  # promql EXPR -> the first sample's value ("" if none)
   curl -fsS --get "$PROM/api/v1/query" --data-urlencode "query=$1" |
     python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(r[0]["value"][1] if r else "")'
@@ -89,6 +96,7 @@ pick_images() {
   fi
   { [ "$STANDIN" = 1 ] || [ $registry = 0 ]; } && use_standins
   SERVICES=(redis learner teacher rollout prometheus)
+  if [ ${#MULTI_FILES[@]} -gt 0 ]; then SERVICES+=(teacher-list); fi
   local grafana=${OPD_GRAFANA_IMAGE:-grafana/grafana:11.4.0}
   if docker image inspect "$grafana" >/dev/null 2>&1 || { [ "$STANDIN" != 1 ] && docker pull -q "$grafana" >/dev/null 2>&1; }; then
     SERVICES+=(grafana)
@@ -176,7 +184,9 @@ check_crash() {
 }
 
 check_exactly_once() {
-  compose stop rollout >/dev/null 2>&1; compose stop teacher >/dev/null 2>&1; compose stop learner >/dev/null 2>&1
+  compose stop rollout >/dev/null 2>&1
+  if [ ${#MULTI_FILES[@]} -gt 0 ]; then compose stop teacher teacher-list >/dev/null 2>&1; else compose stop teacher >/dev/null 2>&1; fi
+  compose stop learner >/dev/null 2>&1
   local out rc=0
   out=$(compose run --rm --no-deps -T learner opd audit --checkpoint-dir /outputs/e2e/checkpoints \
           --batch-size "$BATCH" --json 2>/dev/null) || rc=$?
@@ -223,6 +233,19 @@ PY
                     || record dashboard FAIL "no data: $missing"
 }
 
+pool_trained() { local v; v=$(promql "max(opd_teacher_trained_trajectories_total{teacher_id=\"$1\"})"); [ -n "$v" ] && [ "${v%.*}" -gt 0 ]; }
+pool_live() { [ "$(promql "max(opd_teacher_replicas{teacher_id=\"$1\"})")" = 1 ]; }
+
+check_pools() {  # E2E_MULTI_TEACHER=1: both pools up, both pools' trajectories trained
+  local p detail=""
+  for p in addition list; do
+    if wait_for 180 "pool $p to be live and trained" pool_live "$p" && wait_for 180 "pool $p trained" pool_trained "$p"; then
+      detail+="$p: 1 replica, $(promql "max(opd_teacher_trained_trajectories_total{teacher_id=\"$p\"})" | cut -d. -f1) trained; "
+    else record pools FAIL "pool $p: replicas $(promql "max(opd_teacher_replicas{teacher_id=\"$p\"})"), trained none"; return; fi
+  done
+  record pools PASS "$detail"
+}
+
 check_down() {
   compose down -v --remove-orphans >/dev/null 2>&1
   local left
@@ -243,6 +266,7 @@ main() {
   check_healthy
   check_up_again
   check_training
+  if [ ${#MULTI_FILES[@]} -gt 0 ]; then check_pools; fi
   check_scale
   check_dashboard       # while every service runs and has history
   check_crash
