@@ -108,6 +108,7 @@ pick_images() {
 bring_up() {
   export REDIS_PASSWORD=${REDIS_PASSWORD:-$(python3 -c 'import secrets; print(secrets.token_hex(16))')}
   export OPD_RUN=e2e OPD_LEARNER_MAX_STEPS=0 OPD_LEARNER_BATCH_SIZE=$BATCH
+  export OPD_LEARNER_EVAL_EVERY=50 OPD_LEARNER_EVAL_PROBLEMS=50   # the dashboard's held-out panels
   export OPD_LEARNER_PROCS=${E2E_LEARNER_PROCS:-1}   # >1: the torchrun learner (gloo ranks on CPU)
   local t0=$SECONDS
   compose build >"$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log" >&2; exit 1; }
