@@ -1,6 +1,7 @@
 """Greedy-decoding accuracy of a causal LM: a built-in task, or a held-out dataset.
 
-Prompts are left-padded into batches and decoded greedily with ``model.generate``; on the
+Prompts are tokenised one by one, left-padded into batches by hand (never through the
+tokenizer's padding state) and decoded greedily with ``model.generate``; on the
 built-in tasks (``shared.builtin_tasks``: addition, list) a completion is correct when its
 leading digits equal the answer exactly (``shared.task.is_correct``). ``dataset_accuracy``
 grades a dataset's rows (text or chat, ``shared.datasets``) with any verifier
@@ -29,24 +30,13 @@ if TYPE_CHECKING:
 
 def greedy_completions(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",
                        prompts: list[str], *, max_new_tokens: int = 8) -> list[str]:
-    """Greedy completions (decoded text, special tokens dropped) for one batch of prompts."""
-    import torch
+    """Greedy completions (decoded text, special tokens dropped) for one batch of prompts.
 
-    # Left padding keeps every prompt's last token at the same column, which is what
-    # batched generation needs; passed per call so the tokenizer's own setting is untouched.
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-    device = next(model.parameters()).device
-    enc = {k: v.to(device) for k, v in enc.items()}
-    with torch.inference_mode():
-        out = model.generate(
-            **enc,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    new_tokens = out[:, enc["input_ids"].shape[1]:]
-    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    Each prompt is tokenised alone (`tokenizer(text)`, its own BOS convention) and the batch
+    left-padded by `greedy_from_ids`: no padding through the tokenizer, whose padding state
+    a fast tokenizer keeps per object, not per call (unsafe when another thread encodes)."""
+    ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    return greedy_from_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens)
 
 
 EVAL_SEED = 1234  # the held-out problems every report grades (demo, learner, eval CLI)

@@ -148,3 +148,36 @@ def test_pretrain_list_teacher_reuses_the_shipped_tokenizer(tmp_path: Path) -> N
     teacher = json.loads((Path(builtin_path("teacher")) / "config.json").read_text())
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "vocab_size"):
         assert config[key] == teacher[key]
+
+
+def test_greedy_completions_are_safe_while_another_thread_encodes(loaded: dict[str, Any]) -> None:
+    """The learner's feeder encodes on its own thread while the evaluation decodes batches of
+    prompts of different lengths: no shared tokenizer padding state to race on."""
+    import threading
+
+    from shared.builtin_tasks import problems
+    from shared.evaluate import greedy_completions
+
+    model, tok = loaded["student"]
+    prompts = [p.prompt for p in problems("list", 16, seed=0, split="eval")]  # 8- and 9-character prompts
+    assert len({len(tok(p)["input_ids"]) for p in prompts}) > 1
+    want = greedy_completions(model, tok, prompts, max_new_tokens=2)
+    stop = threading.Event()
+
+    def encode() -> None:
+        while not stop.is_set():
+            tok("123+456=")
+
+    import sys
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: a race shows up at once
+    worker = threading.Thread(target=encode, daemon=True)
+    worker.start()
+    try:
+        for _ in range(30):
+            assert greedy_completions(model, tok, prompts, max_new_tokens=1) == [w[:1] for w in want]
+    finally:
+        stop.set()
+        worker.join()
+        sys.setswitchinterval(interval)
