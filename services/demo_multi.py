@@ -34,13 +34,12 @@ def teachers_of(s: DemoSettings) -> dict[str, str]:
 
 def evaluate_tasks(model_path: str, n: int) -> dict[str, float]:
     """Greedy exact-match accuracy on n held-out problems of each built-in task."""
-    from shared.builtin_tasks import problems
-    from shared.evaluate import EVAL_SEED, accuracy
+    from shared.evaluate import EVAL_SEED, task_accuracy
     from shared.models import load_model, load_tokenizer, resolve_model
 
     path = resolve_model(model_path)
     model, tokenizer = load_model(path), load_tokenizer(path)
-    return {t: accuracy(model, tokenizer, problems(t, n, seed=EVAL_SEED, split="eval")) for t in TASKS}
+    return {t: task_accuracy(model, tokenizer, t, n, seed=EVAL_SEED) for t in TASKS}
 
 
 def start_all(launcher: Launcher, s: DemoSettings, run_dir: Path) -> None:

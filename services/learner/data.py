@@ -68,8 +68,6 @@ def check_tasks(tasks: list[str]) -> None:
     """Known built-in task names, each once (BadInputError otherwise)."""
     if not tasks or len(set(tasks)) != len(tasks):
         raise BadInputError(f"opd-learner: tasks {tasks}: name each built-in task once")
-    if tasks == ["addition"]:
-        return
     from shared.builtin_tasks import TASKS
 
     unknown = [t for t in tasks if t not in TASKS]

@@ -24,7 +24,7 @@ import redis
 
 from shared.datasets import Example, prompt_ids
 from shared.streams import produce, wait_for_room
-from shared.task import Problem, make_problems
+from shared.task import Problem
 from shared.wire import Prompt, encode
 
 log = logging.getLogger("opd.feeder")
@@ -32,20 +32,17 @@ CHUNK = 256
 
 
 def builtin_problems(seed: int, tasks: tuple[str, ...] | list[str] = ("addition",)) -> Iterator[Problem | Example]:
-    """Endless train-split problems: fresh chunks with successive seeds. One task: its
-    Problems (the default teacher pool); several: the tasks' chunks interleaved row by row,
-    each row an Example whose teacher_id is its task's name."""
-    if list(tasks) == ["addition"]:
-        for i in itertools.count():
-            yield from make_problems(CHUNK, seed=seed * 1_000_003 + i, split="train")
+    """Endless train-split problems of the built-in tasks (shared/builtin_tasks.py): fresh
+    chunks with successive seeds, the tasks interleaved row by row. One task: its Problems
+    (the default teacher pool); several: Examples whose teacher_id is their task's name."""
     from shared.builtin_tasks import problems
 
+    routed = len(tasks) > 1
     for i in itertools.count():
-        chunks = [[Example(prompt=p.prompt, answer=p.answer, teacher_id=task if len(tasks) > 1 else "",
-                           where=f"builtin:{task}")
-                   for p in problems(task, CHUNK, seed=seed * 1_000_003 + i, split="train")] for task in tasks]
-        for row in itertools.chain.from_iterable(zip(*chunks)):
-            yield row
+        chunks = [problems(task, CHUNK, seed=seed * 1_000_003 + i, split="train") for task in tasks]
+        for rows in zip(*chunks):
+            for task, p in zip(tasks, rows):
+                yield Example(prompt=p.prompt, answer=p.answer, teacher_id=task, where=f"builtin:{task}") if routed else p
 
 
 def file_problems(examples: list[Example]) -> Iterator[Example]:
