@@ -184,11 +184,10 @@ def summarize(stats: dict[str, str], acc: dict[str, float], s: DemoSettings) -> 
     }
 
 
-def plot_curve(summary: dict[str, Any], path: Path) -> Path | None:
-    """Held-out accuracy vs steps and vs wall time, with the teacher's and the initial student's."""
-    curve = summary["eval_curve"]
-    if not curve:
-        return None
+def plot_accuracy(summary: dict[str, Any], path: Path, ylabel: str,
+                  draw: Callable[[Any, str], None]) -> Path:
+    """The demos' figure: held-out accuracy vs learner steps (left) and vs wall time (right);
+    `draw(ax, x_key)` plots the curves and reference lines on each axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,19 +195,30 @@ def plot_curve(summary: dict[str, Any], path: Path) -> Path | None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, key, label in ((axes[0], "step", "learner step"), (axes[1], "elapsed_s", "wall time (s)")):
-        ax.plot([c[key] for c in curve], [c["accuracy"] for c in curve], marker=".", label="student (held-out)")
-        ax.axhline(summary["teacher_accuracy"], color="tab:green", ls="--", label="teacher")
-        ax.axhline(0.9 * summary["teacher_accuracy"], color="tab:green", ls=":", label="0.9 x teacher")
-        ax.axhline(summary["student_accuracy_before"], color="tab:gray", ls=":", label="student before")
+        draw(ax, key)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("greedy exact match")
+    axes[0].set_ylabel(ylabel)
     axes[0].legend(loc="lower right", fontsize=8)
     fig.suptitle(f"opd demo: {summary['mode']}, {summary['steps']} steps")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_curve(summary: dict[str, Any], path: Path) -> Path | None:
+    """Held-out accuracy vs steps and vs wall time, with the teacher's and the initial student's."""
+    curve = summary["eval_curve"]
+    if not curve:
+        return None
+
+    def draw(ax: Any, key: str) -> None:
+        ax.plot([c[key] for c in curve], [c["accuracy"] for c in curve], marker=".", label="student (held-out)")
+        ax.axhline(summary["teacher_accuracy"], color="tab:green", ls="--", label="teacher")
+        ax.axhline(0.9 * summary["teacher_accuracy"], color="tab:green", ls=":", label="0.9 x teacher")
+        ax.axhline(summary["student_accuracy_before"], color="tab:gray", ls=":", label="student before")
+    return plot_accuracy(summary, path, "greedy exact match", draw)
 
 
 def print_summary(summary: dict[str, Any]) -> None:

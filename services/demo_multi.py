@@ -99,29 +99,18 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 def plot_curves(summary: dict[str, Any], path: Path) -> Path | None:
     """Held-out accuracy per task vs steps and vs wall time, with each task's teacher."""
+    from services.demo import plot_accuracy
+
     curve = [c for c in summary["eval_curve"] if "by_teacher" in c]
     if not curve:
         return None
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for ax, key, label in ((axes[0], "step", "learner step"), (axes[1], "elapsed_s", "wall time (s)")):
+    def draw(ax: Any, key: str) -> None:
         for color, (task, r) in zip(("tab:blue", "tab:orange"), summary["tasks"].items()):
             ax.plot([c[key] for c in curve], [c["by_teacher"].get(task, 0.0) for c in curve], marker=".",
                     color=color, label=f"student on {task}")
             ax.axhline(r["teacher"], color=color, ls="--", label=f"{task} teacher")
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("greedy exact match (held-out)")
-    axes[0].legend(loc="lower right", fontsize=8)
-    fig.suptitle(f"opd demo: {summary['mode']}, {summary['steps']} steps")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return plot_accuracy(summary, path, "greedy exact match (held-out)", draw)
 
 
 def run(s: DemoSettings, launcher: Launcher, client, keys, run_dir: Path) -> dict[str, Any]:
