@@ -169,19 +169,25 @@ def watch(launcher: Launcher, client, keys, s: DemoSettings,
     return read_stats(client, keys)
 
 
-def summarize(stats: dict[str, str], acc: dict[str, float], s: DemoSettings) -> dict[str, Any]:
+def run_summary(stats: dict[str, str], s: DemoSettings) -> dict[str, Any]:
+    """What every demo reports from the learner's stats: mode, steps, time, throughput,
+    staleness, dead letters, the held-out curve."""
     elapsed = float(stats.get("elapsed_s", 0)) or 1e-9
-    st = json.loads(stats.get("staleness", "{}") or "{}")
     return {
         "mode": "sync" if s.sync else f"async (max_staleness {s.max_staleness})",
         "steps": int(stats.get("step", 0)), "train_seconds": round(elapsed, 1),
-        "student_accuracy_before": acc["before"], "student_accuracy_after": acc["after"],
-        "teacher_accuracy": acc["teacher"],
         "trajectories_per_s": round(int(stats.get("trained_trajectories", 0)) / elapsed, 2),
         "tokens_per_s": round(int(stats.get("trained_tokens", 0)) / elapsed, 1),
-        "staleness": st, "dead_letters": int(stats.get("dead_letters", 0)),
+        "staleness": json.loads(stats.get("staleness", "{}") or "{}"),
+        "dead_letters": int(stats.get("dead_letters", 0)),
         "eval_curve": json.loads(stats.get("eval_curve", "[]") or "[]"),
     }
+
+
+def summarize(stats: dict[str, str], acc: dict[str, float], s: DemoSettings) -> dict[str, Any]:
+    """The run's summary plus the student's accuracy before and after and the teacher's."""
+    return {**run_summary(stats, s), "student_accuracy_before": acc["before"],
+            "student_accuracy_after": acc["after"], "teacher_accuracy": acc["teacher"]}
 
 
 def plot_accuracy(summary: dict[str, Any], path: Path, ylabel: str,

@@ -70,11 +70,9 @@ def progress(stats: dict[str, str], s: DemoSettings) -> str:
 
 def summarize(stats: dict[str, str], acc: dict[str, dict[str, float]], s: DemoSettings) -> dict[str, Any]:
     """Per task: the student before/after, its own teacher and the other task's teacher."""
-    from services.demo import summarize as base
+    from services.demo import run_summary
 
-    summary = base(stats, {"before": 0.0, "after": 0.0, "teacher": 0.0}, s)
-    for key in ("student_accuracy_before", "student_accuracy_after", "teacher_accuracy"):
-        summary.pop(key)
+    summary = run_summary(stats, s)
     summary["mode"] = f"multi-teacher, {summary['mode']}"
     teachers = json.loads(stats.get("teachers", "{}") or "{}")
     summary["tasks"] = {

@@ -52,24 +52,31 @@ class LearnerMetrics:
                                   teacher, registry=r)
         self.lab = lab
 
-    def teachers(self, batch: list[ScoredTrajectory], correct: list[bool], metrics: dict[str, float]) -> None:
-        """One step's per-teacher numbers (its `teacher_loss/<id>` metrics are taken out of `metrics`)."""
-        groups: dict[str, list[int]] = {}
-        for i, m in enumerate(batch):
-            groups.setdefault(m.trajectory.prompt.teacher_id, []).append(i)
-        for tid, rows in groups.items():
+    def teachers(self, step: dict[str, dict[str, int]], metrics: dict[str, float]) -> None:
+        """One step's per-teacher numbers (from `step_counts`); its `teacher_loss/<id>` metrics are
+        taken out of `metrics`."""
+        for tid, row in step.items():
             lab = {**self.lab, "teacher_id": tid or "default"}
-            self.teacher_tokens.labels(**lab).inc(sum(batch[i].trajectory.num_tokens for i in rows))
-            self.teacher_trajectories.labels(**lab).inc(len(rows))
-            self.teacher_accuracy.labels(**lab).set(sum(correct[i] for i in rows) / len(rows))
+            self.teacher_tokens.labels(**lab).inc(row["tokens"])
+            self.teacher_trajectories.labels(**lab).inc(row["trajectories"])
+            self.teacher_accuracy.labels(**lab).set(row["correct"] / row["trajectories"])
             self.teacher_loss.labels(**lab).set(metrics.pop(f"teacher_loss/{tid}", 0.0))
 
 
-def count_teachers(per: dict[str, dict[str, int]], batch: list[ScoredTrajectory], flags: list[bool]) -> None:
-    """Per teacher id, into the learner's stats (checkpointed): trained trajectories, tokens,
-    correct samples."""
+def step_counts(batch: list[ScoredTrajectory], flags: list[bool]) -> dict[str, dict[str, int]]:
+    """Per teacher id in one step: trained trajectories, tokens, correct samples."""
+    per: dict[str, dict[str, int]] = {}
     for m, ok in zip(batch, flags):
         row = per.setdefault(m.trajectory.prompt.teacher_id, {"trajectories": 0, "tokens": 0, "correct": 0})
         row["trajectories"] += 1
         row["tokens"] += m.trajectory.num_tokens
         row["correct"] += int(ok)
+    return per
+
+
+def add_counts(totals: dict[str, dict[str, int]], step: dict[str, dict[str, int]]) -> None:
+    """Add one step's per-teacher counts to the learner's running totals (its stats, checkpointed)."""
+    for tid, row in step.items():
+        total = totals.setdefault(tid, {"trajectories": 0, "tokens": 0, "correct": 0})
+        for key, value in row.items():
+            total[key] += value

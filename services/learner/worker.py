@@ -31,7 +31,7 @@ from services.learner import checkpoint
 from services.learner.data import LearnerData
 from services.learner.held_out import HeldOut
 from services.learner.distributed import Ranks
-from services.learner.metrics import LearnerMetrics, count_teachers
+from services.learner.metrics import LearnerMetrics, add_counts, step_counts
 from services.learner.samples import SampleLog
 from services.learner.settings import LearnerSettings
 from services.learner.staleness import Lineage, StalenessTracker
@@ -301,8 +301,9 @@ class LearnerWorker:
         flags = [bool(self.verifier(self.tokenizer.decode(m.trajectory.completion_ids_T, skip_special_tokens=True),
                                     m.trajectory.prompt.answer)) for m in batch]
         correct = sum(flags)
-        self.lm.teachers(batch, flags, metrics)
-        count_teachers(self.stats.setdefault("teachers", {}), batch, flags)
+        per_teacher = step_counts(batch, flags)
+        self.lm.teachers(per_teacher, metrics)
+        add_counts(self.stats.setdefault("teachers", {}), per_teacher)
         self.samples.maybe_write(self.version, batch)
         tokens = sum(m.trajectory.num_tokens for m in batch)
         self.stats["trained_tokens"] += tokens
