@@ -49,8 +49,6 @@ class LearnerData:
 
     def teacher_ids(self, s: LearnerSettings) -> list[str]:
         """The teacher ids this run's prompts ask for ("" = the default pool)."""
-        from services.learner.held_out import teacher_id_of_task
-
         if self.prompts:
             return sorted({row.teacher_id for row in self.prompts})
         return [teacher_id_of_task(list(s.tasks), task) for task in s.tasks]
@@ -62,6 +60,11 @@ class LearnerData:
                 check_encodable(tokenizer, rows, template_kwargs)
         except DatasetError as e:
             raise BadInputError(f"opd-learner: {e}") from None
+
+
+def teacher_id_of_task(tasks: list[str], task: str) -> str:
+    """A built-in task's teacher id: "" (the default pool) alone, its name among several."""
+    return "" if len(tasks) == 1 else task
 
 
 def check_tasks(tasks: list[str]) -> None:

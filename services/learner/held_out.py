@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from services.learner.data import teacher_id_of_task
 from services.learner.settings import LearnerSettings
 from shared.datasets import Example
 from shared.verifiers import Verifier
@@ -26,11 +27,6 @@ def builtin_sets(tasks: list[str], n: int) -> dict[str, list]:
     from shared.evaluate import EVAL_SEED
 
     return {teacher_id_of_task(tasks, t): problems(t, n, seed=EVAL_SEED, split="eval") for t in tasks}
-
-
-def teacher_id_of_task(tasks: list[str], task: str) -> str:
-    """A built-in task's teacher id: "" (the default pool) alone, its name among several."""
-    return "" if len(tasks) == 1 else task
 
 
 def file_sets(rows: list[Example]) -> dict[str, list[Example]]:
